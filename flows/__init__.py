@@ -1,0 +1,1 @@
+"""Orchestration: the CLI (and Prefect flows) wiring ``tokenizer`` and ``storage`` together."""

@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny config and a tiny in-memory dataset, so tests stay fast."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import write_npz
+from tokenizer.config import parse_config
+
+TINY = {
+    "seed": 0,
+    "data": {"dataset": "npz:PLACEHOLDER", "channels": 1, "image_size": 8},
+    "model": {"hidden_channels": 8, "num_downsamples": 2, "latent_channels": 4,
+              "embedding_dim": 4, "num_embeddings": 16},
+    "quantizer": {"kmeans_iters": 2, "restart_after": 5},
+    "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "eval_batch_size": 16},
+}
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    return write_npz(tmp_path / "tiny.npz")
+
+
+@pytest.fixture
+def tiny_config(tiny_npz):
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+    raw["data"]["dataset"] = f"npz:{tiny_npz}"
+    return parse_config(raw)

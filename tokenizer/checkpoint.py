@@ -1,0 +1,183 @@
+"""Checkpoints as directories of safetensors + JSON: loading never unpickles anything.
+
+Layout of a checkpoint directory:
+  model.safetensors   weights and quantizer buffers
+  config.json         the full run config, image channels, the weights' content hash, progress
+  train_state.safetensors / train_state.json   (training checkpoints only) optimizer, RNG, step
+A directory is published by renaming a finished temporary one, so a crash never leaves a
+half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import Config, ConfigError, parse_config
+from .model import VQVAE
+
+FORMAT = "vqtok-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "config.json"
+STATE = "train_state.safetensors"
+STATE_META = "train_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: equal iff the tensors are equal."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _state_dict(model: VQVAE) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: VQVAE,
+    config: Config,
+    progress: dict[str, Any] | None = None,
+    train_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+) -> str:
+    """Write atomically and return the weights' content hash."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = _state_dict(model)
+    digest = weights_hash(state)
+    save_file(state, str(tmp / WEIGHTS))
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "in_channels": model.in_channels,
+        "weights_sha256": digest,
+        "config": config.model_dump(),
+        "progress": progress or {},
+    }
+    _write_json(tmp / META, meta)
+    if train_state is not None:
+        tensors, info = train_state
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE))
+        _write_json(tmp / STATE_META, info)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    # Swap: a crash between the two renames leaves ``.old``, which resolve_checkpoint accepts.
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    _fsync_dir(directory.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return digest
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory, a training output directory, or a file inside one."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    for candidate in (path, path / "checkpoint", path.with_name(path.name + ".old"),
+                      path / "checkpoint.old"):
+        if (candidate / META).is_file():
+            return candidate
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the training output folder")
+    raise CheckpointError(
+        f"{path} is not a vqtok checkpoint (no {META}); pass the folder written by 'train'"
+    )
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    directory = resolve_checkpoint(path)
+    try:
+        meta = json.loads((directory / META).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{directory / META}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory / META}: not a vqtok checkpoint description")
+    meta["directory"] = str(directory)
+    return meta
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: not a valid safetensors file ({exc}); it may be truncated or not ours"
+        ) from None
+
+
+def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VQVAE:
+    """The trained VQVAE from a checkpoint directory, in eval mode, weights hash verified."""
+    meta = read_checkpoint_meta(path)
+    directory = Path(meta["directory"])
+    try:
+        config = parse_config(meta["config"], source=str(directory / META))
+    except (ConfigError, KeyError) as exc:
+        raise CheckpointError(f"{directory / META}: bad config ({exc})") from None
+    model = build_model(config, int(meta.get("in_channels", config.data.channels)))
+    state = _load_tensors(directory / WEIGHTS)
+    digest = weights_hash(state)
+    if digest != meta.get("weights_sha256"):
+        raise CheckpointError(
+            f"{directory / WEIGHTS}: content hash does not match {META}; the checkpoint is "
+            "corrupt or its files come from different runs"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CheckpointError(
+            f"{directory / WEIGHTS}: weights do not fit the architecture in {META} ({detail})"
+        ) from None
+    model.checkpoint_hash = digest
+    return model.to(device).eval()
+
+
+def build_model(config: Config, in_channels: int | None = None) -> VQVAE:
+    return VQVAE(
+        in_channels=in_channels or config.data.channels,
+        model=config.model,
+        quantizer=config.quantizer,
+        seed=config.seed,
+    )

@@ -1,0 +1,119 @@
+"""Run configuration: YAML files validated by pydantic, so a typo fails before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataConfig(_Strict):
+    dataset: str = "mnist-sample"
+    data_root: str | None = None  # where torchvision datasets live or are downloaded to
+    channels: int = Field(1, ge=1, le=4)
+    image_size: int = Field(28, ge=4)
+    # "resize": shorter side to image_size then centre crop; "error": refuse other sizes.
+    resize: Literal["resize", "error"] = "resize"
+    train_split: str = "train"
+    val_split: str = "validation"
+
+
+class ModelConfig(_Strict):
+    hidden_channels: int = Field(128, ge=1)
+    num_downsamples: int = Field(2, ge=1, le=6)
+    num_residual_blocks: int = Field(0, ge=0)
+    residual_channels: int = Field(32, ge=1)
+    latent_channels: int = Field(64, ge=1)  # encoder output; a 1x1 conv maps it to embedding_dim
+    embedding_dim: int = Field(64, ge=1)
+    num_embeddings: int = Field(512, ge=1)
+
+
+class QuantizerConfig(_Strict):
+    beta: float = Field(0.25, ge=0)
+    ema: bool = True
+    decay: float = Field(0.99, gt=0, lt=1)
+    eps: float = Field(1e-5, gt=0)
+    kmeans_init: bool = True
+    kmeans_iters: int = Field(10, ge=0)
+    restart_after: int = Field(100, ge=0)  # steps unused before a code is re-seeded; 0 = never
+    chunk_mib: int = Field(256, ge=1)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # stop early after this many optimizer steps
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    num_workers: int = Field(0, ge=0)
+    eval_batch_size: int = Field(500, ge=1)
+
+
+class Config(_Strict):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    quantizer: QuantizerConfig = QuantizerConfig()
+    train: TrainConfig = TrainConfig()
+
+    def with_overrides(self, **dotted: Any) -> Config:
+        """Copy with ``{"train.epochs": 3}``-style overrides, validated like the file."""
+        raw = self.model_dump()
+        for key, value in dotted.items():
+            if value is None:
+                continue
+            node = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return parse_config(raw, source="overrides")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'; remove it or fix its spelling"
+    return f"{source}: key '{key}': {first['msg']} (got {first.get('input')!r})"
+
+
+def parse_config(raw: dict[str, Any] | None, source: str = "config") -> Config:
+    try:
+        # JSON-style validation: YAML gives ints for floats like `1`, which strict mode refuses.
+        return Config.model_validate_json(_to_json(raw or {}))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def _to_json(raw: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(raw)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Config from a YAML file; ``None`` gives the defaults (the bundled sample)."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file from configs/")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_config(raw, source=str(path))

@@ -1,0 +1,152 @@
+"""The VQ-VAE: conv encoder, vector quantizer, transposed-conv decoder with a sigmoid.
+
+Shapes for the defaults (28x28 MNIST, two downsamplings): image (B, 1, 28, 28) ->
+encoder (B, 64, 7, 7) -> codes (B, 7, 7) in [0, 512) -> decoder (B, 1, 28, 28) in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, QuantizerConfig
+from .quantizer import VectorQuantizer, nearest_code
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _encoder(in_channels: int, cfg: ModelConfig) -> nn.Sequential:
+    """Stride-2 4x4 convs (each halves the size), then a 3x3 to the latent width."""
+    layers: list[nn.Module] = []
+    width = in_channels
+    for _ in range(cfg.num_downsamples):
+        layers += [nn.Conv2d(width, cfg.hidden_channels, 4, stride=2, padding=1), nn.ReLU()]
+        width = cfg.hidden_channels
+    layers += [ResidualBlock(width, cfg.residual_channels) for _ in range(cfg.num_residual_blocks)]
+    if cfg.num_residual_blocks:
+        layers.append(nn.ReLU())
+    layers.append(nn.Conv2d(width, cfg.latent_channels, 3, padding=1))
+    return nn.Sequential(*layers)
+
+
+def _decoder(out_channels: int, cfg: ModelConfig) -> nn.Sequential:
+    """Mirror of the encoder: a 3x3, then stride-2 4x4 transposed convs, then a sigmoid."""
+    layers: list[nn.Module] = [
+        nn.ConvTranspose2d(cfg.embedding_dim, cfg.hidden_channels, 3, padding=1)
+    ]
+    layers += [
+        ResidualBlock(cfg.hidden_channels, cfg.residual_channels)
+        for _ in range(cfg.num_residual_blocks)
+    ]
+    for i in range(cfg.num_downsamples):
+        last = i == cfg.num_downsamples - 1
+        out = out_channels if last else cfg.hidden_channels
+        layers += [nn.ReLU(), nn.ConvTranspose2d(cfg.hidden_channels, out, 4, stride=2, padding=1)]
+    layers.append(nn.Sigmoid())
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class VQVAEOutput:
+    reconstruction: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor  # reconstruction MSE + quantizer loss
+    reconstruction_loss: torch.Tensor
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+class VQVAE(nn.Module):
+    """Image tokenizer: ``encode`` gives integer code grids, ``decode`` turns them back."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        model: ModelConfig | None = None,
+        quantizer: QuantizerConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        model = model or ModelConfig()
+        quantizer = quantizer or QuantizerConfig()
+        self.in_channels = in_channels
+        self.downsample_factor = 2**model.num_downsamples
+        self.encoder = _encoder(in_channels, model)
+        self.pre_quant = (
+            nn.Conv2d(model.latent_channels, model.embedding_dim, 1)
+            if model.latent_channels != model.embedding_dim
+            else nn.Identity()
+        )
+        self.quantizer = VectorQuantizer(
+            num_embeddings=model.num_embeddings,
+            embedding_dim=model.embedding_dim,
+            beta=quantizer.beta,
+            ema=quantizer.ema,
+            decay=quantizer.decay,
+            eps=quantizer.eps,
+            kmeans_init=quantizer.kmeans_init,
+            kmeans_iters=quantizer.kmeans_iters,
+            restart_after=quantizer.restart_after,
+            chunk_bytes=quantizer.chunk_mib * 2**20,
+            seed=seed,
+        )
+        self.decoder = _decoder(in_channels, model)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.quantizer.num_embeddings
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pre_quant(self.encoder(x))
+
+    def grid_shape(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.downsample_factor, width // self.downsample_factor
+
+    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+        q = self.quantizer(self.latent(x))
+        reconstruction = self.decoder(q.quantized)
+        recon_loss = F.mse_loss(reconstruction.float(), x.float())
+        return VQVAEOutput(
+            reconstruction=reconstruction,
+            indices=q.indices,
+            loss=recon_loss + q.loss,
+            reconstruction_loss=recon_loss,
+            codebook_loss=q.codebook_loss,
+            commitment_loss=q.commitment_loss,
+        )
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) floats in [0, 1] -> (B, h, w) int64 code indices."""
+        z = self.latent(x).float()
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        q = self.quantizer
+        return nearest_code(flat, q.codebook, q.chunk_bytes).view(b, h, w)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) int64 code indices -> (B, C, H, W) images in [0, 1]."""
+        if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+        k = self.num_embeddings
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
+            raise ValueError(f"codes must lie in [0, {k}); got [{int(codes.min())}, "
+                             f"{int(codes.max())}]")
+        return self.decoder(self.quantizer.lookup(codes.long())).float()
+

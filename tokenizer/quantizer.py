@@ -1,0 +1,230 @@
+"""Vector quantizer: nearest-code lookup, straight-through gradients, codebook learning.
+
+Losses use the mean over all elements (``F.mse_loss``), the convention of the seed lecture and
+of the VQ-VAE reference code: a term equals the per-vector sum of squares divided by the
+embedding width D. For the lecture's toy example (D = 2) the per-vector sums of squares are
+0.17, so ``codebook_loss`` and ``commitment_loss`` are each 0.085.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # (B, D, H, W), straight-through: gradient goes to the input
+    indices: torch.Tensor  # (B, H, W) int64
+    loss: torch.Tensor  # codebook_loss (0 with EMA) + beta * commitment_loss
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+def nearest_code(
+    vectors: torch.Tensor, codebook: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> torch.Tensor:
+    """Index of the nearest code (squared L2) for each row of ``vectors`` (N, D).
+
+    ||z||^2 is the same for every code of a row, so the ranking needs only
+    ||e||^2 - 2 z.e, one GEMM per chunk. Chunking over rows (and over codes when one row of
+    distances would not fit) keeps the extra memory near ``chunk_bytes`` whatever N and K.
+    Distances are computed in float32 even under autocast: half precision ties codes.
+    """
+    with torch.autocast(device_type=vectors.device.type, enabled=False):
+        z = vectors.detach().float()
+        codes = codebook.detach().float()
+        n, k = z.shape[0], codes.shape[0]
+        code_sq = (codes * codes).sum(dim=1)
+        code_chunk = max(1, min(k, chunk_bytes // 4))
+        row_chunk = max(1, chunk_bytes // (4 * code_chunk))
+        indices = torch.empty(n, dtype=torch.long, device=z.device)
+        for r0 in range(0, n, row_chunk):
+            rows = z[r0 : r0 + row_chunk]
+            if code_chunk == k:
+                dist = torch.addmm(code_sq, rows, codes.t(), beta=1.0, alpha=-2.0)
+                indices[r0 : r0 + row_chunk] = dist.argmin(dim=1)
+                continue
+            best = torch.full((rows.shape[0],), float("inf"), device=z.device)
+            best_idx = torch.zeros(rows.shape[0], dtype=torch.long, device=z.device)
+            for c0 in range(0, k, code_chunk):
+                part = codes[c0 : c0 + code_chunk]
+                dist = torch.addmm(code_sq[c0 : c0 + code_chunk], rows, part.t(), alpha=-2.0)
+                val, idx = dist.min(dim=1)
+                better = val < best  # strict: ties keep the lower index, as argmin does
+                best = torch.where(better, val, best)
+                best_idx = torch.where(better, idx + c0, best_idx)
+            indices[r0 : r0 + row_chunk] = best_idx
+    return indices
+
+
+def squared_distances(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Full (N, K) matrix of squared L2 distances; for inspection and tests, not the hot path."""
+    z, e = vectors.float(), codebook.float()
+    return (z * z).sum(1, keepdim=True) + (e * e).sum(1) - 2 * z @ e.t()
+
+
+def _kmeans_plus_plus(vectors: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: each new centre drawn with probability ~ squared distance to the
+    nearest chosen one, so seeds spread over the data instead of piling into one cluster."""
+    n = vectors.shape[0]
+    first = int(torch.randint(0, n, (1,), generator=generator))
+    chosen = [first]
+    nearest_sq = ((vectors - vectors[first]) ** 2).sum(dim=1)
+    for _ in range(k - 1):
+        weights = nearest_sq.clamp_min(0).double().cpu()
+        if float(weights.sum()) <= 0:  # fewer distinct points than codes
+            weights = torch.ones(n, dtype=torch.float64)
+        pick = int(torch.multinomial(weights, 1, generator=generator))
+        chosen.append(pick)
+        nearest_sq = torch.minimum(nearest_sq, ((vectors - vectors[pick]) ** 2).sum(dim=1))
+    return vectors[torch.tensor(chosen, device=vectors.device)].clone()
+
+
+def kmeans(vectors: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+    """Lloyd's k-means from k-means++ seeds; a centre left empty keeps its seed."""
+    centres = _kmeans_plus_plus(vectors, k, generator)
+    for _ in range(iters):
+        assign = nearest_code(vectors, centres)
+        sums = torch.zeros_like(centres).index_add_(0, assign, vectors)
+        counts = torch.bincount(assign, minlength=k).to(vectors.dtype)
+        filled = counts > 0
+        centres[filled] = sums[filled] / counts[filled, None]
+    return centres
+
+
+class VectorQuantizer(nn.Module):
+    """Maps each D-vector of a (B, D, H, W) map to its nearest of K learned codes.
+
+    ``ema=True`` learns the codebook by exponential moving averages of the assigned encoder
+    outputs (VQ-VAE paper, appendix A.1) instead of the codebook loss. ``kmeans_init`` fits
+    the codebook to the first training batch, and ``restart_after`` re-seeds codes unused for
+    that many training steps from recent encoder outputs: both keep the whole codebook in use.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        beta: float = 0.25,
+        ema: bool = True,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        restart_after: int = 100,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise ValueError("num_embeddings and embedding_dim must be positive")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.beta = beta
+        self.ema = ema
+        self.decay = decay
+        self.eps = eps
+        self.kmeans_iters = kmeans_iters
+        self.restart_after = restart_after
+        self.chunk_bytes = chunk_bytes
+        self.generator = torch.Generator().manual_seed(seed)
+
+        init = torch.empty(num_embeddings, embedding_dim).uniform_(
+            -1 / num_embeddings, 1 / num_embeddings, generator=self.generator
+        )
+        if ema:
+            # The codebook is state, not a parameter: no optimizer may move it.
+            self.register_buffer("embedding", init)
+            # Count 1 and sum = code make the EMA state agree with the initial codebook.
+            self.register_buffer("ema_count", torch.ones(num_embeddings))
+            self.register_buffer("ema_sum", init.clone())
+        else:
+            self.embedding = nn.Parameter(init)
+        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self.register_buffer("steps_unused", torch.zeros(num_embeddings, dtype=torch.long))
+        self.register_buffer("usage_counts", torch.zeros(num_embeddings, dtype=torch.long))
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.embedding
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes for an index grid (B, H, W) -> (B, D, H, W), via a gather (embedding lookup)."""
+        return F.embedding(indices, self.embedding).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        b, d, h, w = z.shape
+        if d != self.embedding_dim:
+            raise ValueError(f"expected {self.embedding_dim} channels, got {d}")
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        learning = self.training and torch.is_grad_enabled()
+        if learning and not bool(self.initialized):
+            self._kmeans_init(flat.detach().float())
+        indices = nearest_code(flat, self.embedding, self.chunk_bytes)
+        if learning:
+            counts = torch.bincount(indices, minlength=self.num_embeddings)
+            self.usage_counts += counts
+            if self.ema:
+                self._ema_update(flat.detach().float(), indices, counts)
+            self._restart_dead_codes(flat.detach(), counts)
+
+        quantized = F.embedding(indices, self.embedding).view(b, h, w, d).permute(0, 3, 1, 2)
+        quantized = quantized.to(z.dtype)
+        commitment = F.mse_loss(z, quantized.detach())
+        if self.ema:
+            codebook_loss = torch.zeros((), device=z.device, dtype=commitment.dtype)
+        else:
+            codebook_loss = F.mse_loss(quantized, z.detach())
+        straight_through = z + (quantized - z).detach()
+        return QuantizerOutput(
+            quantized=straight_through,
+            indices=indices.view(b, h, w),
+            loss=codebook_loss + self.beta * commitment,
+            codebook_loss=codebook_loss,
+            commitment_loss=commitment,
+        )
+
+    @torch.no_grad()
+    def _kmeans_init(self, flat: torch.Tensor) -> None:
+        centres = kmeans(flat, self.num_embeddings, self.kmeans_iters, self.generator)
+        self.embedding.data.copy_(centres)
+        if self.ema:
+            self.ema_sum.copy_(centres)
+            self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+        """N <- g N + (1-g) n;  m <- g m + (1-g) sum z;  e = m / N~ (Laplace-smoothed N)."""
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)
+        self.ema_count.mul_(self.decay).add_(counts.float(), alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        total = self.ema_count.sum()
+        smoothed = (self.ema_count + self.eps) / (total + self.num_embeddings * self.eps) * total
+        self.embedding.copy_(self.ema_sum / smoothed[:, None])
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
+        """Re-seed codes unused for ``restart_after`` steps with random current encoder outputs."""
+        self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
+        if self.restart_after <= 0:
+            return
+        dead = (self.steps_unused >= self.restart_after).nonzero().flatten()
+        if dead.numel() == 0:
+            return
+        pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=self.generator)
+        fresh = flat[pick.to(flat.device)].to(self.embedding.dtype)
+        self.embedding.data[dead] = fresh
+        if self.ema:
+            self.ema_sum[dead] = fresh
+            self.ema_count[dead] = 1.0
+        self.steps_unused[dead] = 0
+
+    def reset_usage(self) -> None:
+        self.usage_counts.zero_()

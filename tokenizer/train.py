@@ -1,0 +1,328 @@
+"""The training loop: plain PyTorch, resumable, validated every epoch. No orchestration here.
+
+Data order depends only on (seed, epoch), and a checkpoint holds the model, the optimizer,
+the quantizer's EMA buffers, the step and every RNG state, so a resumed run continues exactly
+where the interrupted one stood.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import STATE, STATE_META, build_model, save_checkpoint
+from .config import Config
+from .data import ImageSource, open_source
+from .model import VQVAE
+from .stats import code_histogram, psnr, usage_summary
+
+Logger = Callable[[str], None]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    weights_sha256: str
+    step: int
+    epochs_done: int
+    seconds: float
+    images_per_second: float
+    validation: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_step: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(
+            f"device '{name}' asked for but CUDA is not available; use --device cpu"
+        )
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
+
+
+class _Batches(Dataset):
+    """One item per batch of ids, so DataLoader workers can assemble whole batches."""
+
+    def __init__(self, source: ImageSource, ids: np.ndarray, batch_size: int) -> None:
+        self.source, self.ids, self.batch_size = source, ids, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.ids) / self.batch_size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.source.load_batch(self.ids[i * self.batch_size : (i + 1) * self.batch_size])
+
+
+def iterate_batches(
+    source: ImageSource, ids: np.ndarray, batch_size: int, num_workers: int = 0, pin: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches in the order of ``ids``; workers only when they pay off."""
+    batches = _Batches(source, ids, batch_size)
+    if num_workers == 0 and not pin:
+        for i in range(len(batches)):
+            yield batches[i]
+        return
+    loader = DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin)
+    yield from loader
+
+
+def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast for the convolutions on CUDA; the quantizer's distances stay fp32."""
+    on = enabled and device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+@torch.no_grad()
+def evaluate(
+    model: VQVAE, source: ImageSource, ids: np.ndarray, batch_size: int, device: torch.device,
+    amp: bool = False,
+) -> dict[str, float]:
+    """MSE and PSNR (from the mean MSE) and codebook usage over the given images."""
+    was_training = model.training
+    model.eval()
+    sq_err, pixels = 0.0, 0
+    counts = np.zeros(model.num_embeddings, dtype=np.int64)
+    for images, _ in iterate_batches(source, ids, batch_size):
+        images = images.to(device)
+        with _autocast(device, amp):
+            codes = model.encode(images)
+            recon = model.decode(codes)
+        sq_err += float(((recon.float() - images) ** 2).sum())
+        pixels += images.numel()
+        counts += code_histogram(codes, model.num_embeddings)
+    model.train(was_training)
+    mse = sq_err / max(pixels, 1)
+    usage = usage_summary(counts)
+    return {
+        "mse": mse,
+        "psnr": psnr(mse),
+        "usage": usage["usage"],
+        "codes_used": usage["codes_used"],
+        "perplexity": usage["perplexity"],
+        "images": len(ids),
+    }
+
+
+# --- resumable state ------------------------------------------------------------------------
+
+
+def _train_state(
+    model: VQVAE, optimizer: torch.optim.Optimizer, step: int, history: list[dict[str, Any]]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state(),
+                                        "rng.quantizer": model.quantizer.generator.get_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    for index, slots in opt["state"].items():
+        for key, value in slots.items():
+            tensors[f"opt.{index}.{key}"] = torch.as_tensor(value)
+    info = {"step": step, "param_groups": opt["param_groups"], "history": history}
+    return tensors, info
+
+
+def _restore_state(
+    directory: Path, model: VQVAE, optimizer: torch.optim.Optimizer
+) -> tuple[int, list[dict[str, Any]]]:
+    from safetensors.torch import load_file
+
+    from .checkpoint import load_tokenizer
+
+    loaded = load_tokenizer(directory)  # verifies the weights' hash
+    model.load_state_dict(loaded.state_dict())
+    tensors = load_file(str(directory / STATE))
+    info = json.loads((directory / STATE_META).read_text())
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    model.quantizer.generator.set_state(tensors["rng.quantizer"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return int(info["step"]), list(info.get("history", []))
+
+
+RESUME_MUST_MATCH = ("seed", "data", "model", "quantizer", "train.batch_size", "train.lr")
+
+
+def _config_mismatch(stored: dict[str, Any], current: Config) -> str | None:
+    now = current.model_dump()
+    for key in RESUME_MUST_MATCH:
+        a, b = stored, now
+        for part in key.split("."):
+            a, b = a.get(part) if isinstance(a, dict) else None, b[part]
+        if a != b:
+            return key
+    return None
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def _progress(enabled: bool):  # noqa: ANN202 - rich types stay internal
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>7.0f} img/s  loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def train(
+    config: Config,
+    out_dir: str | Path,
+    *,
+    source: ImageSource | None = None,
+    progress: bool = True,
+    log: Logger = print,
+) -> TrainResult:
+    """Train into ``out_dir/checkpoint``; re-running on the same ``out_dir`` resumes."""
+    out_dir = Path(out_dir)
+    checkpoint = out_dir / "checkpoint"
+    device = resolve_device(config.train.device)
+    source = source or open_source(config.data)
+    factor = 2**config.model.num_downsamples
+    if config.data.image_size % factor:
+        raise TrainingError(
+            f"data.image_size {config.data.image_size} is not divisible by 2^num_downsamples "
+            f"= {factor}; choose a multiple of {factor}"
+        )
+    train_ids = source.split_ids(config.data.train_split)
+    val_split = config.data.val_split
+    if val_split not in source.splits and "test" in source.splits:
+        log(f"dataset {source.name} has no '{val_split}' split; validating on 'test'")
+        val_split = "test"
+    val_ids = source.split_ids(val_split)
+    if len(train_ids) == 0:
+        raise TrainingError(f"split '{config.data.train_split}' of {source.name} is empty")
+
+    torch.manual_seed(config.seed)
+    model = build_model(config, source.channels).to(device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                 lr=config.train.lr)
+    steps_per_epoch = math.ceil(len(train_ids) / config.train.batch_size)
+    total_steps = steps_per_epoch * config.train.epochs
+    if config.train.max_steps is not None:
+        total_steps = min(total_steps, config.train.max_steps)
+
+    step, history = 0, []
+    if (checkpoint / STATE).is_file():
+        stored = json.loads((checkpoint / "config.json").read_text())["config"]
+        differs = _config_mismatch(stored, config)
+        if differs:
+            raise TrainingError(
+                f"{out_dir} holds a checkpoint trained with a different '{differs}'; "
+                "use a new --out, or the same config to resume"
+            )
+        step, history = _restore_state(checkpoint, model, optimizer)
+        log(f"resuming from step {step} in {checkpoint}")
+    resumed_from = step
+    if step >= total_steps:
+        log(f"nothing to do: {checkpoint} is already at step {step} of {total_steps}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = ""
+    amp = config.train.amp and device.type == "cuda"
+    pin = device.type == "cuda"
+    model.train()
+    started = time.perf_counter()
+    images_seen = 0
+    last_val: dict[str, float] = history[-1]["validation"] if history else {}
+
+    def save(epoch_done: int) -> str:
+        prog = {"step": step, "epochs_done": epoch_done, "total_steps": total_steps,
+                "validation": last_val}
+        return save_checkpoint(checkpoint, model, config, prog,
+                               _train_state(model, optimizer, step, history))
+
+    with _progress(progress) as bar:
+        task = bar.add_task("train", total=total_steps, completed=step, rate=0.0, loss=0.0)
+        while step < total_steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            shuffle = torch.Generator().manual_seed(config.seed * 7919 + epoch)
+            order = torch.randperm(len(train_ids), generator=shuffle)
+            ids = train_ids[order.numpy()][offset * config.train.batch_size :]
+            epoch_loss, epoch_batches = 0.0, 0
+            for images, _ in iterate_batches(source, ids, config.train.batch_size,
+                                             config.train.num_workers, pin):
+                images = images.to(device, non_blocking=True)
+                with _autocast(device, amp):
+                    out = model(images)
+                loss = out.loss
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise TrainingError(
+                        f"loss became {loss_value} at step {step + 1}; stopped, the last good "
+                        f"checkpoint ({checkpoint}) is kept; lower train.lr or check the data"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                images_seen += images.shape[0]
+                epoch_loss += loss_value
+                epoch_batches += 1
+                rate = images_seen / max(time.perf_counter() - started, 1e-9)
+                bar.update(task, advance=1, rate=rate, loss=loss_value)
+                if step >= total_steps:
+                    break
+            epoch_done = math.ceil(step / steps_per_epoch)
+            last_val = evaluate(model, source, val_ids, config.train.eval_batch_size, device, amp)
+            model.train()
+            history.append({"step": step, "epoch": epoch_done,
+                            "train_loss": epoch_loss / max(epoch_batches, 1),
+                            "validation": last_val})
+            log(f"epoch {epoch_done} step {step}/{total_steps}: train loss "
+                f"{history[-1]['train_loss']:.4f}  val mse {last_val['mse']:.5f}  psnr "
+                f"{last_val['psnr']:.2f} dB  usage {last_val['usage']:.1%}  perplexity "
+                f"{last_val['perplexity']:.1f}")
+            digest = save(epoch_done)
+
+    seconds = time.perf_counter() - started
+    if not digest:  # nothing trained in this call: report what is on disk
+        digest = json.loads((checkpoint / "config.json").read_text())["weights_sha256"]
+    return TrainResult(
+        checkpoint=checkpoint,
+        weights_sha256=digest,
+        step=step,
+        epochs_done=math.ceil(step / steps_per_epoch),
+        seconds=seconds,
+        images_per_second=images_seen / seconds if seconds > 0 else 0.0,
+        validation=last_val,
+        history=history,
+        resumed_from_step=resumed_from,
+    )
