@@ -1,0 +1,152 @@
+"""Reading side of a sharded store: the manifest, and shards checked against it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage.errors import TokenStoreError
+from storage.grid import TokenGrid
+from storage.hashing import sha256_file
+from storage.hdf5_reader import read_hdf5_grid
+from storage.layout import (
+    FORMATS,
+    MANIFEST_KIND,
+    MANIFEST_NAME,
+    find_tokens_dir,
+    read_json,
+    resolve,
+)
+from storage.meta import TokenMeta
+from storage.parquet_reader import read_parquet_grid
+
+READERS = {"parquet": read_parquet_grid, "hdf5": read_hdf5_grid}
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard file as the manifest lists it."""
+
+    path: Path
+    sha256: str
+    bytes: int
+    split: str
+    num_rows: int
+
+
+class Manifest:
+    """A finalized sharded store, as ShardedTokenStore.finalize() recorded it.
+
+    Parsed and checked up front, so a damaged manifest fails with one clear message instead
+    of a KeyError halfway through loading.
+    """
+
+    def __init__(self, tokens_dir: Path) -> None:
+        self.tokens_dir = tokens_dir
+        self.path = tokens_dir / MANIFEST_NAME
+        data = read_json(self.path, MANIFEST_KIND)
+        self.meta = TokenMeta.from_dict(data.get("meta"), where=self.path)
+        try:
+            self.formats: list[str] = [fmt for fmt in data["formats"] if fmt in FORMATS]
+            self.split_rows = {entry["name"]: int(entry["num_rows"]) for entry in data["splits"]}
+            self.files = {
+                fmt: [
+                    self._file(entry, shard, fmt)
+                    for entry in data["splits"]
+                    for shard in entry["shards"]
+                ]
+                for fmt in self.formats
+            }
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TokenStoreError(
+                self.path, f"manifest is corrupt (bad or missing {exc})"
+            ) from None
+        if not self.formats:
+            raise TokenStoreError(self.path, "manifest lists no known format; it is corrupt")
+
+    def _file(self, entry: dict[str, Any], shard: dict[str, Any], fmt: str) -> ShardFile:
+        listed = shard["files"][fmt]
+        return ShardFile(
+            path=resolve(self.tokens_dir, listed["path"], self.path),
+            sha256=str(listed["sha256"]),
+            bytes=int(listed["bytes"]),
+            split=str(entry["name"]),
+            num_rows=int(shard["num_rows"]),
+        )
+
+    @classmethod
+    def find(cls, folder: Path) -> Manifest:
+        """The manifest of ``folder`` (a run folder or its tokens/ folder)."""
+        tokens_dir = find_tokens_dir(folder)
+        if tokens_dir is None:
+            raise TokenStoreError(
+                folder,
+                f"no {MANIFEST_NAME} here or in tokens/; the store was not finalized "
+                "(call ShardedTokenStore.finalize())",
+            )
+        return cls(tokens_dir)
+
+    def pick_format(self, wanted: str | None) -> str:
+        if wanted is None:
+            return "parquet" if "parquet" in self.formats else self.formats[0]
+        if wanted not in self.formats:
+            raise TokenStoreError(
+                self.path, f"store has no {wanted} files (has: {', '.join(self.formats)})"
+            )
+        return wanted
+
+    def _check_split(self, split: str | None) -> None:
+        if split is not None and split not in self.split_rows:
+            names = ", ".join(self.split_rows)
+            raise TokenStoreError(self.path, f"no split {split!r} in this store (has: {names})")
+
+    def shard_files(self, fmt: str, split: str | None = None) -> list[ShardFile]:
+        """Shards in manifest order (splits in plan order, shards by index)."""
+        self._check_split(split)
+        return [f for f in self.files[fmt] if split is None or f.split == split]
+
+    def num_rows(self, split: str | None = None) -> int:
+        self._check_split(split)
+        return sum(rows for name, rows in self.split_rows.items() if split in (None, name))
+
+
+def verify_file(shard: ShardFile, manifest: Path) -> None:
+    """Size first (free), then the sha256 the writer recorded."""
+    if not shard.path.is_file():
+        raise TokenStoreError(
+            shard.path, f"listed in {manifest} but missing; re-run the tokenize flow for it"
+        )
+    size = shard.path.stat().st_size
+    if size != shard.bytes:
+        raise TokenStoreError(
+            shard.path,
+            f"is {size} bytes but {manifest.name} records {shard.bytes}; the shard is corrupt "
+            "or was replaced - re-run the tokenize flow for it",
+        )
+    digest = sha256_file(shard.path)
+    if digest != shard.sha256:
+        raise TokenStoreError(
+            shard.path,
+            f"sha256 {digest[:16]} does not match {shard.sha256[:16]} in {manifest.name}; the "
+            "shard is corrupt or was replaced - re-run the tokenize flow for it",
+        )
+
+
+def load_shard(shard: ShardFile, fmt: str, manifest: Manifest, verify: bool) -> TokenGrid:
+    """A shard's grid, after checking it is the file, metadata and rows the manifest lists."""
+    if verify:
+        verify_file(shard, manifest.path)
+    grid = READERS[fmt](shard.path)
+    differ = manifest.meta.differences(grid.meta)
+    if differ:
+        raise TokenStoreError(
+            shard.path, f"metadata differs from {manifest.path.name} in {', '.join(differ)}"
+        )
+    if grid.num_rows != shard.num_rows or grid.split_names not in ((shard.split,), ()):
+        raise TokenStoreError(
+            shard.path,
+            f"holds {grid.num_rows} rows of {grid.split_names} but {manifest.path.name} lists "
+            f"{shard.num_rows} rows of split {shard.split!r}",
+        )
+    return grid

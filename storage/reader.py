@@ -1,0 +1,84 @@
+"""One entry point for reading tokens, whatever the layout: Parquet, HDF5 or a sharded folder."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from storage.errors import TokenStoreError
+from storage.grid import TokenGrid, concat_grids
+from storage.hdf5_reader import read_hdf5_meta
+from storage.manifest import READERS, Manifest, load_shard
+from storage.meta import TokenMeta
+from storage.parquet_reader import read_parquet_meta
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+_FILE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}
+
+
+def file_format(path: Path) -> str:
+    fmt = _FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise TokenStoreError(
+            path,
+            "unknown token file type; expected .parquet, .h5/.hdf5 or a folder with manifest.json",
+        )
+    return fmt
+
+
+def load_grid(
+    path: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    format: str | None = None,
+    verify: bool = True,
+) -> TokenGrid:
+    """All codes as one (N, h, w) array, plus ids, labels, splits and metadata.
+
+    ``path`` is a .parquet or .h5 file, or a sharded folder (``OUT`` or ``OUT/tokens``). For
+    a folder, ``format`` picks which files to read (Parquet by default) and ``verify`` checks
+    every shard against the manifest's size and sha256. Codes are always checked against the
+    codebook. ``codes, meta = load_grid(path)`` also works (see TokenGrid).
+    """
+    path = Path(path)
+    if path.is_dir():
+        manifest = Manifest.find(path)
+        fmt = manifest.pick_format(format)
+        grids = [
+            load_shard(shard, fmt, manifest, verify) for shard in manifest.shard_files(fmt, split)
+        ]
+        if len(grids) == 1:  # no copy; report the store's metadata like the many-shard case
+            return replace(grids[0], meta=manifest.meta)
+        return concat_grids(grids, manifest.meta)
+    fmt = file_format(path)
+    if format is not None and format != fmt:
+        raise TokenStoreError(path, f"is a {fmt} file, not {format}")
+    grid = READERS[fmt](path)
+    return grid if split is None else grid.select(split)
+
+
+def read_meta(path: str | os.PathLike[str]) -> TokenMeta:
+    """Metadata only (footer, attributes or manifest): check the tokenizer before loading."""
+    path = Path(path)
+    if path.is_dir():
+        return Manifest.find(path).meta
+    return read_parquet_meta(path) if file_format(path) == "parquet" else read_hdf5_meta(path)
+
+
+def read_tokens(
+    path: str | os.PathLike[str],
+    *,
+    split: str | None = None,
+    format: str | None = None,
+    verify: bool = True,
+) -> pd.DataFrame:
+    """One row per image (id, label, split, codes), the same frame for every layout.
+
+    Equal to ``pd.read_parquet`` of a token file, after the checks of load_grid; the metadata
+    is in ``df.attrs["vqtok_meta"]``.
+    """
+    return load_grid(path, split=split, format=format, verify=verify).to_pandas()
