@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(BIN)/tokenize-dataset train --config configs/default.yaml --out runs/demo
+	$(BIN)/tokenize-dataset
 
 test: install-dev
 	$(BIN)/ruff check .

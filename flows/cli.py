@@ -1,8 +1,13 @@
-"""The ``tokenize-dataset`` command line: thin wiring over ``tokenizer`` and ``storage``."""
+"""The ``tokenize-dataset`` command line: thin wiring over the flows.
+
+Heavy imports (torch, Prefect) happen inside the commands, so ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,13 +17,41 @@ import click
 
 USAGE_EXIT = 2
 FAILURE_EXIT = 1
+FORMATS = {"parquet": ["parquet"], "hdf5": ["hdf5"], "both": ["parquet", "hdf5"]}
+
+# A temporary Prefect server on a busy 2-core machine can take longer than Prefect's default
+# 20 s to start; and nothing here should phone home.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def _known_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """(usage errors -> exit 2, failures -> exit 1); imported late to keep --help fast."""
+    from flows.runtime import PipelineError
+    from storage import TokenStoreError
     from tokenizer import CheckpointError, ConfigError, DataError, TrainingError
 
-    return (ConfigError,), (DataError, CheckpointError, TrainingError, OSError)
+    failures = (DataError, CheckpointError, TrainingError, TokenStoreError, PipelineError, OSError)
+    return (ConfigError,), failures
+
+
+class _OneLineRecords(logging.Filter):
+    """Drops tracebacks from Prefect's log lines: the CLI prints one line per error itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        if isinstance(record.msg, str) and "Traceback (most recent call last)" in record.msg:
+            record.msg = record.msg.split("\n", 1)[0]
+        return True
+
+
+def _quiet_tracebacks() -> None:
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()  # Prefect attaches its console handler lazily; make it exist now
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_OneLineRecords())
 
 
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -28,6 +61,8 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = click.get_current_context().find_root().params.get("debug", False)
         usage, failures = _known_errors()
+        if not debug:
+            _quiet_tracebacks()
         try:
             return command(*args, **kwargs)
         except (*usage, *failures) as exc:
@@ -40,30 +75,37 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-@click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
-    """Train a VQ-VAE and turn image datasets into grids of integer tokens."""
-    if ctx.invoked_subcommand is None:
-        click.echo(ctx.get_help())
+def _options(*specs: Callable[..., Any]) -> Callable[..., Any]:
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for spec in reversed(specs):
+            command = spec(command)
+        return command
+
+    return apply
 
 
-def _config_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                     help="YAML config (see configs/); defaults to the bundled sample's."),
-        click.option("--dataset", help="mnist-sample, mnist, fashion-mnist, cifar10, "
-                     "imagefolder:PATH or npz:PATH."),
-        click.option("--data-root", type=click.Path(file_okay=False),
-                     help="Folder holding (or receiving) torchvision dataset files."),
-        click.option("--device", help="auto, cpu, cuda or cuda:N."),
-        click.option("--batch-size", type=click.IntRange(min=1)),
-        click.option("--seed", type=int),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+CONFIG = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                      help="YAML config (see configs/); defaults to the bundled sample's.")
+DATASET = click.option("--dataset", help="mnist-sample, mnist, fashion-mnist, cifar10, "
+                       "imagefolder:PATH or npz:PATH.")
+DATA_ROOT = click.option("--data-root", type=click.Path(file_okay=False),
+                         help="Folder holding (or receiving) torchvision dataset files.")
+DEVICE = click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+BATCH = click.option("--batch-size", type=click.IntRange(min=1),
+                     help="Images per batch (training: the config's; encoding: 256).")
+SEED = click.option("--seed", type=int, help="Overrides the config's seed.")
+CHECKPOINT = click.option("--checkpoint", type=click.Path(),
+                          help="Trained checkpoint folder (or a run folder holding one).")
+FORMAT = click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="both",
+                      show_default=True, help="Token file formats to write.")
+SHARD = click.option("--shard-size", type=click.IntRange(min=1), default=10_000,
+                     show_default=True, help="Rows per token shard.")
+QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+
+
+def out_option(default: str, help_text: str) -> Callable[..., Any]:
+    return click.option("--out", type=click.Path(file_okay=False), default=default,
+                        show_default=True, help=help_text)
 
 
 def build_config(config_path: str | None, **overrides: Any) -> Any:
@@ -76,25 +118,72 @@ def build_config(config_path: str | None, **overrides: Any) -> Any:
     return load_config(config_path).with_overrides(**dotted)
 
 
+def _encode_data(checkpoint: str, dataset: str | None, data_root: str | None,
+                 config_path: str | None) -> dict[str, Any]:
+    """The checkpoint's data config, changed by --config / --dataset / --data-root."""
+    from flows.runtime import checkpoint_config
+    from tokenizer import load_config
+
+    data = (load_config(config_path) if config_path else checkpoint_config(checkpoint)[0]).data
+    changes = {k: v for k, v in (("dataset", dataset), ("data_root", data_root)) if v}
+    return data.model_copy(update=changes).model_dump() if changes else data.model_dump()
+
+
+def _check_checkpoint(checkpoint: str) -> dict[str, Any]:
+    """Fail in a second, before a Prefect server starts, on a path that is no checkpoint."""
+    from tokenizer.checkpoint import read_checkpoint_meta
+
+    return read_checkpoint_meta(checkpoint)
+
+
+def _check_data(data: Any) -> None:
+    """Open the dataset up front (flows reuse it from the cache): bad input fails at once."""
+    from flows.runtime import cached_source
+    from tokenizer.config import DataConfig
+
+    cached_source(data if isinstance(data, DataConfig) else DataConfig.model_validate(data))
+
+
+def _check_tokens_match(tokens: str, checkpoint: str) -> None:
+    from storage import read_meta
+
+    meta = read_meta(tokens)
+    meta.check_tokenizer(_check_checkpoint(checkpoint)["weights_sha256"], where=tokens)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Train a VQ-VAE and turn image datasets into grids of integer tokens.
+
+    With no command, runs the whole pipeline (train, encode, stats, decode) on the bundled
+    MNIST sample into runs/demo and prints a summary.
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(run)
+
+
 @main.command()
-@_config_options
-@click.option("--out", type=click.Path(file_okay=False), default="runs/train", show_default=True,
-              help="Output folder; re-running on it resumes training.")
+@_options(CONFIG, DATASET, DATA_ROOT, DEVICE, BATCH, SEED,
+          out_option("runs/train", "Output folder; re-running on it resumes training."))
 @click.option("--epochs", type=click.IntRange(min=1))
 @click.option("--max-steps", type=click.IntRange(min=1))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True))
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@QUIET
 @friendly_errors
 def train(config_path: str | None, out: str, quiet: bool, **overrides: Any) -> None:
     """Train the tokenizer; writes OUT/checkpoint and OUT/reconstructions.png."""
-    from tokenizer.train import train as run_training
+    from flows.train_flow import train_flow
 
     config = build_config(config_path, **overrides)
-    result = run_training(config, out, progress=not quiet, log=click.echo)
-    picture = write_reconstructions(result.checkpoint, config, Path(out) / "reconstructions.png")
-    v = result.validation
-    click.echo(f"checkpoint {result.checkpoint} (weights {result.weights_sha256[:12]}), "
-               f"step {result.step}")
+    _check_data(config.data)
+    result = train_flow(config.model_dump(), out, not quiet)
+    picture = write_reconstructions(Path(result["checkpoint"]), config,
+                                    Path(out) / "reconstructions.png")
+    v = result["validation"]
+    click.echo(f"checkpoint {result['checkpoint']} (weights {result['weights_sha256'][:12]}), "
+               f"step {result['step']}")
     if v:
         click.echo(f"validation: mse {v['mse']:.5f}  psnr {v['psnr']:.2f} dB  "
                    f"usage {v['usage']:.1%}  perplexity {v['perplexity']:.1f}")
@@ -111,11 +200,136 @@ def write_reconstructions(checkpoint: Path, config: Any, path: Path, count: int 
     model = load_tokenizer(checkpoint)
     source = open_source(config.data)
     split = config.data.val_split if config.data.val_split in source.splits else "test"
-    ids = source.split_ids(split)[:count]
-    images, _ = source.load_batch(ids)
+    images, _ = source.load_batch(source.split_ids(split)[:count])
     with torch.no_grad():
         recon = model.decode(model.encode(images))
     return save_reconstruction_grid(images, recon, path)
+
+
+@main.command()
+@_options(CHECKPOINT, CONFIG, DATASET, DATA_ROOT, DEVICE, BATCH, FORMAT, SHARD,
+          out_option("runs/encode", "Run folder; tokens go to OUT/tokens."))
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes (for folders of image files).")
+@QUIET
+@friendly_errors
+def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
+           data_root: str | None, device: str | None, batch_size: int | None, fmt: str,
+           shard_size: int, out: str, workers: int, quiet: bool) -> None:
+    """Encode every split of a dataset into sharded token files (re-runs skip done shards)."""
+    from flows.encode_flow import DEFAULT_BATCH_SIZE, encode_flow
+
+    if not checkpoint:
+        raise click.UsageError("encode needs --checkpoint (a folder written by 'train')")
+    data = _encode_data(checkpoint, dataset, data_root, config_path)
+    _check_data(data)
+    result = encode_flow(checkpoint, out, data, FORMATS[fmt], shard_size,
+                         batch_size or DEFAULT_BATCH_SIZE, device or "auto", workers, not quiet)
+    click.echo(f"{result['encoded_images']} images encoded ({result['skipped_shards']} of "
+               f"{result['shards']} shards already done) at {result['images_per_second']:.0f} "
+               f"img/s -> {result['tokens']}")
+
+
+@main.command()
+@click.option("--tokens", type=click.Path(exists=True), help="Token file or folder "
+              "(default: OUT/tokens).")
+@out_option("runs/encode", "Run folder; stats go to OUT/stats.")
+@friendly_errors
+def stats(tokens: str | None, out: str) -> None:
+    """Codebook usage of a token store: stats.json, usage.png, position_entropy.png."""
+    from flows.runtime import RunPaths
+    from flows.stats_flow import stats_flow
+
+    paths = RunPaths(Path(out))
+    result = stats_flow(tokens or str(paths.tokens), str(paths.stats))
+    click.echo(f"usage {result['usage']:.1%} ({result['codes_used']}/{result['codebook_size']}),"
+               f" perplexity {result['perplexity']:.1f}, {result['entropy_bits']:.2f} bits/token"
+               f" -> {result['stats']}")
+
+
+@main.command()
+@click.option("--tokens", type=click.Path(exists=True), required=True,
+              help="Token file or folder to decode.")
+@CHECKPOINT
+@out_option("runs/decode", "Folder for the pictures and metrics.")
+@click.option("--split", help="Only rows of this split.")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Decode at most this many rows.")
+@DEVICE
+@friendly_errors
+def decode(tokens: str, checkpoint: str | None, out: str, split: str | None, limit: int,
+           device: str | None) -> None:
+    """Decode a token file with the tokenizer that made it (others are refused)."""
+    from flows.decode_flow import decode_flow
+
+    if not checkpoint:
+        raise click.UsageError("decode needs --checkpoint (the tokenizer that made the tokens)")
+    _check_tokens_match(tokens, checkpoint)
+    result = decode_flow(tokens, checkpoint, out, split, limit, device=device or "auto")
+    line = f"decoded {result['images']} images -> {result['picture']}"
+    if "psnr" in result:
+        line += f" (mse {result['mse']:.5f}, psnr {result['psnr']:.2f} dB)"
+    click.echo(line)
+
+
+@main.command()
+@_options(CONFIG, DATASET, DATA_ROOT, DEVICE, BATCH, SEED, CHECKPOINT, FORMAT, SHARD,
+          out_option("runs/demo", "Run folder for everything the pipeline makes."))
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--max-steps", type=click.IntRange(min=1))
+@QUIET
+@friendly_errors
+def run(config_path: str | None = None, out: str = "runs/demo", checkpoint: str | None = None,
+        fmt: str = "both", shard_size: int = 10_000, quiet: bool = False,
+        **overrides: Any) -> None:
+    """Train (unless --checkpoint), encode, compute stats and decode, then print a summary."""
+    from flows.pipeline import tokenize_dataset
+    from flows.summary import print_summary
+
+    batch = overrides.pop("batch_size", None)
+    config = build_config(config_path, **overrides)
+    if checkpoint:
+        _check_checkpoint(checkpoint)
+    _check_data(config.data)
+    explicit = config_path or any(v is not None for v in overrides.values())
+    summary = tokenize_dataset(
+        config.model_dump() if (explicit or not checkpoint) else None, out, checkpoint,
+        FORMATS[fmt], shard_size, batch or 256, overrides.get("device") or "auto", not quiet,
+    )
+    print_summary(summary)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@friendly_errors
+def info(path: str) -> None:
+    """Describe a token file/folder or a checkpoint."""
+    from flows.summary import describe
+
+    click.echo(describe(Path(path)))
+
+
+@main.command()
+@_options(CONFIG, CHECKPOINT, FORMAT, SHARD,
+          out_option("runs/scheduled", "Run folder each scheduled run writes to."))
+@click.option("--cron", default="0 3 * * *", show_default=True, help="Schedule (cron syntax).")
+@click.option("--name", default="vqtok-nightly", show_default=True, help="Deployment name.")
+@friendly_errors
+def serve(config_path: str | None, checkpoint: str | None, fmt: str, shard_size: int, out: str,
+          cron: str, name: str) -> None:
+    """Serve the pipeline on a schedule (blocks; needs a Prefect server, see the README)."""
+    from flows.pipeline import tokenize_dataset
+
+    parameters = serve_parameters(build_config(config_path), checkpoint, FORMATS[fmt],
+                                  shard_size, out)
+    tokenize_dataset.serve(name=name, cron=cron, parameters=parameters)
+
+
+def serve_parameters(config: Any, checkpoint: str | None, formats: list[str], shard_size: int,
+                     out: str) -> dict[str, Any]:
+    """Flow parameters of a scheduled run: plain JSON, so the server can store them."""
+    return {"config": config.model_dump(), "out": out, "checkpoint": checkpoint,
+            "formats": formats, "shard_size": shard_size, "progress": False}
 
 
 if __name__ == "__main__":

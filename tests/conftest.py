@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# Prefect keeps its database and cached task results under PREFECT_HOME: never the user's.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="vqtok-test-prefect-")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from tests.helpers import write_npz
 from tokenizer.config import parse_config
@@ -27,3 +34,12 @@ def tiny_config(tiny_npz):
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
     raw["data"]["dataset"] = f"npz:{tiny_npz}"
     return parse_config(raw)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (and database) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -46,7 +46,7 @@ class QuantizerConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1)  # stop early after this many optimizer steps
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)

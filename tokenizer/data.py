@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from .config import DataConfig
@@ -72,6 +73,32 @@ class ImageSource(Dataset):
         return self.splits[split]
 
 
+class _Batches(Dataset):
+    """One item per batch of ids, so DataLoader workers can assemble whole batches."""
+
+    def __init__(self, source: ImageSource, ids: np.ndarray, batch_size: int) -> None:
+        self.source, self.ids, self.batch_size = source, ids, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.ids) / self.batch_size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.source.load_batch(self.ids[i * self.batch_size : (i + 1) * self.batch_size])
+
+
+def iterate_batches(
+    source: ImageSource, ids: np.ndarray, batch_size: int, num_workers: int = 0, pin: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches in the order of ``ids``; workers only when they pay off."""
+    batches = _Batches(source, ids, batch_size)
+    if num_workers == 0 and not pin:
+        for i in range(len(batches)):
+            yield batches[i]
+        return
+    loader = DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin)
+    yield from loader
+
+
 class ArraySource(ImageSource):
     """Images held in memory as one uint8 (N, C, H, W) tensor: batches are a single index."""
 
@@ -90,7 +117,7 @@ class ArraySource(ImageSource):
         self.labels = labels.long()
 
     def load_batch(self, ids: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        idx = torch.from_numpy(np.array(ids, dtype=np.int64))
         return self.images[idx].float().div_(255), self.labels[idx]
 
 

@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import STATE, STATE_META, build_model, save_checkpoint
 from .config import Config
-from .data import ImageSource, open_source
+from .data import ImageSource, iterate_batches, open_source
 from .model import VQVAE
 from .stats import code_histogram, psnr, usage_summary
 
@@ -56,32 +55,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise TrainingError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
-
-
-class _Batches(Dataset):
-    """One item per batch of ids, so DataLoader workers can assemble whole batches."""
-
-    def __init__(self, source: ImageSource, ids: np.ndarray, batch_size: int) -> None:
-        self.source, self.ids, self.batch_size = source, ids, batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.ids) / self.batch_size)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.source.load_batch(self.ids[i * self.batch_size : (i + 1) * self.batch_size])
-
-
-def iterate_batches(
-    source: ImageSource, ids: np.ndarray, batch_size: int, num_workers: int = 0, pin: bool = False
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches in the order of ``ids``; workers only when they pay off."""
-    batches = _Batches(source, ids, batch_size)
-    if num_workers == 0 and not pin:
-        for i in range(len(batches)):
-            yield batches[i]
-        return
-    loader = DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin)
-    yield from loader
 
 
 def _autocast(device: torch.device, enabled: bool) -> torch.autocast:

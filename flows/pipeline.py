@@ -1,0 +1,67 @@
+"""tokenize_dataset: train -> encode -> stats -> decode as one flow (training skipped when a
+checkpoint is given). This is what the CLI runs and what deployments serve on a schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.decode_flow import decode_flow
+from flows.encode_flow import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, encode_flow
+from flows.runtime import RunPaths, cached_source, checkpoint_config
+from flows.stats_flow import stats_flow
+from flows.train_flow import train_flow
+from tokenizer.config import parse_config
+
+
+def _validation_split(config: Any) -> str | None:
+    splits = cached_source(config.data).splits
+    for name in (config.data.val_split, "test", "validation"):
+        if name in splits:
+            return name
+    return None
+
+
+@flow(name="tokenize-dataset")
+def tokenize_dataset(
+    config: dict[str, Any] | None = None,
+    out: str = "runs/demo",
+    checkpoint: str | None = None,
+    formats: list[str] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The whole pipeline into ``out``; returns the summary the CLI prints."""
+    if config is None and checkpoint is not None:
+        cfg = checkpoint_config(checkpoint)[0]  # the data the tokenizer was trained on
+    else:
+        cfg = parse_config(config or {}, source="config")
+    paths = RunPaths(Path(out))
+    summary: dict[str, Any] = {"out": str(paths.root)}
+    if checkpoint is None:
+        trained = train_flow(cfg.model_dump(), str(paths.root), progress)
+        checkpoint = trained["checkpoint"]
+        summary["train"] = trained
+    encoded = encode_flow(checkpoint, str(paths.root), cfg.data.model_dump(), formats,
+                          shard_size, batch_size, device, cfg.train.num_workers, progress)
+    stats = stats_flow(encoded["tokens"], str(paths.stats))
+    decoded = decode_flow(encoded["tokens"], checkpoint, str(paths.decode),
+                          split=_validation_split(cfg), device=device)
+    summary.update(checkpoint=checkpoint, encode=encoded, stats=stats, decode=decoded)
+    create_markdown_artifact(
+        key="vqtok-run",
+        markdown=(
+            f"### vqtok run `{paths.root}`\n\n| figure | value |\n|---|---:|\n"
+            f"| codebook usage | {stats['usage']:.1%} ({stats['codes_used']}/"
+            f"{stats['codebook_size']}) |\n| perplexity | {stats['perplexity']:.1f} |\n"
+            + (f"| PSNR | {decoded['psnr']:.2f} dB |\n" if "psnr" in decoded else "")
+            + f"| encode | {encoded['images_per_second']:.0f} img/s |\n"
+        ),
+        description="Summary of a tokenize-dataset run",
+    )
+    return summary

@@ -1,0 +1,88 @@
+"""What the CLI prints at the end of a run, and ``info`` descriptions of files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    stats, encoded, decoded = summary["stats"], summary["encode"], summary["decode"]
+    rows = [
+        ("codebook usage", f"{stats['usage']:.1%} ({stats['codes_used']}/"
+                           f"{stats['codebook_size']} codes, {stats['dead_codes']} dead)"),
+        ("perplexity", f"{stats['perplexity']:.1f} ({stats['entropy_bits']:.2f} bits/token)"),
+    ]
+    if "psnr" in decoded:
+        rows.append(("PSNR", f"{decoded['psnr']:.2f} dB (MSE {decoded['mse']:.5f}, "
+                             f"{decoded['images']} validation images)"))
+    if "train" in summary:
+        t = summary["train"]
+        rows.append(("training", f"step {t['step']}, {t['images_per_second']:.0f} img/s"))
+    rows += [
+        ("encoding", f"{encoded['images']} images, {encoded['images_per_second']:.0f} img/s, "
+                     f"{encoded['tokens_per_second']:.0f} tokens/s"
+                     + (f" ({encoded['skipped_shards']} shards reused)"
+                        if encoded["skipped_shards"] else "")),
+        ("checkpoint", summary["checkpoint"]),
+        ("tokens", f"{encoded['tokens']} ({', '.join(encoded['formats'])})"),
+        ("stats", stats["stats"]),
+        ("pictures", ", ".join([*stats["plots"], decoded["picture"]])),
+    ]
+    return rows
+
+
+def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
+    table = Table(title=f"vqtok run {summary['out']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in summary_rows(summary):
+        table.add_row(key, value)
+    (console or Console()).print(table)
+
+
+def describe(path: Path) -> str:
+    """A checkpoint's config and progress, or a token store's metadata and row counts."""
+    from tokenizer.checkpoint import CheckpointError, read_checkpoint_meta
+
+    try:
+        meta = read_checkpoint_meta(path)
+    except CheckpointError:
+        meta = None
+    if meta is not None:
+        cfg = meta["config"]
+        progress = meta.get("progress", {})
+        lines = [f"checkpoint {meta['directory']}",
+                 f"  weights sha256  {meta['weights_sha256']}",
+                 f"  dataset         {cfg['data']['dataset']} ({meta['in_channels']} channels, "
+                 f"{cfg['data']['image_size']} px)",
+                 f"  codebook        {cfg['model']['num_embeddings']} x "
+                 f"{cfg['model']['embedding_dim']}, ema={cfg['quantizer']['ema']}",
+                 f"  trained steps   {progress.get('step', '?')}"]
+        if progress.get("validation"):
+            v = progress["validation"]
+            lines.append(f"  validation      psnr {v['psnr']:.2f} dB, usage {v['usage']:.1%}, "
+                         f"perplexity {v['perplexity']:.1f}")
+        return "\n".join(lines)
+
+    from storage import load_grid, read_meta
+
+    token_meta = read_meta(path)
+    grid = load_grid(path)
+    counts: dict[str, int] = {}
+    for name in grid.split_names:
+        counts[name] = int((grid.splits == name).sum())
+    lines = [f"tokens {path}",
+             f"  rows            {len(grid.codes)} ("
+             + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")",
+             f"  grid            {token_meta.grid_h} x {token_meta.grid_w}, codebook "
+             f"{token_meta.codebook_size}",
+             f"  dataset         {token_meta.dataset} (fingerprint "
+             f"{token_meta.dataset_fingerprint[:12]})",
+             f"  checkpoint      {token_meta.checkpoint_hash}",
+             f"  created         {token_meta.created_at} by vqtok {token_meta.vqtok_version}"]
+    return "\n".join(lines) + "\n  metadata        " + json.dumps(token_meta.extra)[:200]

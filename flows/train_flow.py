@@ -1,0 +1,46 @@
+"""train_flow: the training loop of ``tokenizer`` as a Prefect task (resumes on re-run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from tokenizer.config import parse_config
+from tokenizer.train import train
+
+
+@task(name="train-tokenizer")
+def train_task(config: dict[str, Any], out: str, progress: bool = True) -> dict[str, Any]:
+    logger = get_run_logger()
+    result = train(parse_config(config), out, progress=progress, log=logger.info)
+    return {
+        "checkpoint": str(result.checkpoint),
+        "weights_sha256": result.weights_sha256,
+        "step": result.step,
+        "epochs_done": result.epochs_done,
+        "seconds": result.seconds,
+        "images_per_second": result.images_per_second,
+        "resumed_from_step": result.resumed_from_step,
+        "validation": result.validation,
+    }
+
+
+@flow(name="train")
+def train_flow(config: dict[str, Any], out: str, progress: bool = True) -> dict[str, Any]:
+    """Train into ``out/checkpoint``; ``config`` is a full config as a dict (JSON-able)."""
+    result = train_task(config, str(Path(out)), progress)
+    v = result["validation"]
+    if v:
+        create_markdown_artifact(
+            key="vqtok-train",
+            markdown=(f"### Tokenizer trained to step {result['step']}\n\n| figure | value |\n"
+                      f"|---|---:|\n| validation MSE | {v['mse']:.5f} |\n| PSNR | "
+                      f"{v['psnr']:.2f} dB |\n| codebook usage | {v['usage']:.1%} |\n"
+                      f"| perplexity | {v['perplexity']:.1f} |\n\nCheckpoint "
+                      f"`{result['checkpoint']}`"),
+            description="Validation figures of the trained tokenizer",
+        )
+    return result

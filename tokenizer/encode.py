@@ -1,0 +1,40 @@
+"""Batched encoding of a dataset's images into code grids (tensors out; storing is elsewhere)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .data import ImageSource, iterate_batches
+from .model import VQVAE
+
+
+def encode_ids(
+    model: VQVAE,
+    source: ImageSource,
+    ids: np.ndarray,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    amp: bool = True,
+    num_workers: int = 0,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(codes (B, h, w) int64, ids (B,), labels (B,))`` in the order of ``ids``.
+
+    On CUDA, batches come through pinned memory with non-blocking copies and the convolutions
+    run under bf16 autocast (nearest-code distances stay fp32). On CPU everything is fp32, so
+    codes do not depend on the batch size beyond floating-point summation order.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    model = model.to(device).eval()
+    start = 0
+    with torch.inference_mode():
+        for images, labels in iterate_batches(source, ids, batch_size, num_workers, pin=cuda):
+            images = images.to(device, non_blocking=cuda)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and cuda):
+                codes = model.encode(images)
+            batch_ids = ids[start : start + len(images)]
+            start += len(images)
+            yield codes.cpu().numpy(), batch_ids, labels.numpy()
