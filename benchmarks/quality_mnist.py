@@ -68,7 +68,8 @@ def main() -> None:
 
     base = load_config(args.config) if args.config else Config()
     config = base.with_overrides(**{
-        "data.dataset": "mnist", "data.data_root": args.data_root, "data.val_split": "test",
+        "data.dataset": "mnist", "data.data_root": str(Path(args.data_root).resolve()),
+        "data.val_split": "test",
         "train.batch_size": 64, "train.lr": 1e-3, "train.epochs": 1, "train.device": "cpu",
         "model.num_embeddings": 512, "model.hidden_channels": 128,
         "model.latent_channels": 64, "model.embedding_dim": 64,

@@ -43,9 +43,11 @@ def plot_position_entropy(stats: dict[str, Any], path: Path) -> Path:
     entropy = np.asarray(stats["position_entropy_bits"])
     fig, ax = plt.subplots(figsize=(4.5, 4))
     image = ax.imshow(entropy, cmap="viridis", vmin=0)
+    bright = 0.6 * float(entropy.max()) if entropy.size else 0.0
     for (y, x), value in np.ndenumerate(entropy):
-        if entropy.size <= 100:
-            ax.text(x, y, f"{value:.1f}", ha="center", va="center", fontsize=7, color="white")
+        if entropy.size <= 100:  # numbers only while they stay legible
+            ax.text(x, y, f"{value:.1f}", ha="center", va="center", fontsize=7,
+                    color="black" if value > bright else "white")
     ax.set_title("Per-position entropy (bits)")
     ax.set_xticks(range(entropy.shape[1]))
     ax.set_yticks(range(entropy.shape[0]))
