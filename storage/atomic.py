@@ -6,6 +6,7 @@ import json
 import os
 import uuid
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 _TMP_SUFFIX = ".tmp"
@@ -83,3 +84,27 @@ def write_json_atomic(final: Path, obj: Any) -> Path:
     """Sorted keys and fixed indentation: equal content gives equal bytes across runs."""
     text = json.dumps(obj, sort_keys=True, indent=2) + "\n"
     return write_bytes_atomic(final, text.encode("utf-8"))
+
+
+class PublishOnSuccess:
+    """``with`` support for writers: ``close()`` (publish) on success, ``abort()`` on error."""
+
+    def close(self) -> Any:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import h5py
 import numpy as np
 
-from storage.atomic import AtomicFile
+from storage.atomic import AtomicFile, PublishOnSuccess
 from storage.batch import SPLIT_NAME_MAX_BYTES, check_split_name, normalize_batch
 from storage.buffer import RowBuffer
 from storage.errors import TokenStoreError
@@ -31,7 +30,7 @@ def write_meta_attrs(attrs: h5py.AttributeManager, meta: TokenMeta) -> None:
             attrs[key] = value
 
 
-class HDF5TokenWriter:
+class HDF5TokenWriter(PublishOnSuccess):
     """Append token batches to one HDF5 file; it appears under ``path`` only on success.
 
     Datasets ``codes`` (N, h, w), ``ids``, ``labels`` and ``splits`` (fixed-width UTF-8 bytes)
@@ -140,16 +139,3 @@ class HDF5TokenWriter:
             pass
         self._target.abort()
 
-    def __enter__(self) -> HDF5TokenWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import AtomicFile
+from storage.atomic import AtomicFile, PublishOnSuccess
 from storage.batch import check_split_name, normalize_batch
 from storage.buffer import RowBuffer
 from storage.errors import TokenStoreError
@@ -70,7 +69,7 @@ def parquet_write_options(codes_encoding: str, compression_level: int) -> dict[s
     }
 
 
-class ParquetTokenWriter:
+class ParquetTokenWriter(PublishOnSuccess):
     """Append token batches to one Parquet file; it appears under ``path`` only on success.
 
     Rows are buffered and cut into row groups of exactly ``row_group_size`` rows, so memory
@@ -178,16 +177,3 @@ class ParquetTokenWriter:
                 pass
         self._target.abort()
 
-    def __enter__(self) -> ParquetTokenWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from storage.atomic import stale_temps, write_json_atomic
+from storage.atomic import PublishOnSuccess, stale_temps, write_json_atomic
 from storage.batch import check_split_name
 from storage.errors import TokenStoreError
 from storage.hashing import sha256_file
@@ -277,7 +276,7 @@ class ShardedTokenStore:
                 )
 
 
-class ShardWriter:
+class ShardWriter(PublishOnSuccess):
     """Writes one shard in every format of its store; see ShardedTokenStore.open_shard."""
 
     def __init__(self, store: ShardedTokenStore, shard: ShardSpec) -> None:
@@ -350,16 +349,3 @@ class ShardWriter:
         for writer in self._writers.values():
             writer.abort()
 
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
