@@ -44,7 +44,7 @@ OVERRIDES = {"seed": "seed", "d_model": "model.d_model", "layers": "model.n_laye
               help="Output folder (e.g. RUN/prior); re-running on it resumes.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML prior config (seed, model, train); see tokenizer/prior_config.py.")
-@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default 2000).")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default 1000).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Grids per step (default 128).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
 @click.option("--d-model", type=click.IntRange(min=8), help="Transformer width.")

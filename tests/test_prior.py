@@ -22,6 +22,16 @@ from tokenizer.prior_train import TrainingError, evaluate_prior, learning_rate, 
 SMALL = PriorModelConfig(d_model=32, n_layers=2, n_heads=4, dropout=0.1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small are all per-op overhead; a second thread on a busy 2-core machine
+    only adds synchronisation (5-10x slower). Results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def config(**dotted):
     base = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "train.device": "cpu",
             "train.batch_size": 32, "train.lr": 3e-3, "train.warmup_steps": 10,

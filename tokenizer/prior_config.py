@@ -24,14 +24,16 @@ class PriorShape(_Strict):
 
 
 class PriorModelConfig(_Strict):
-    d_model: int = Field(192, ge=8)
+    # Sized for CPU budgets: a step of 128 7x7 grids costs about one CPU-core second
+    # (benchmarks/prior_mnist.py has the figures this gets on MNIST tokens).
+    d_model: int = Field(128, ge=8)
     n_layers: int = Field(4, ge=1)
-    n_heads: int = Field(6, ge=1)
+    n_heads: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
 
 
 class PriorTrainConfig(_Strict):
-    steps: int = Field(2000, ge=1)
+    steps: int = Field(1000, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)  # peak; linear warm-up, then cosine down to lr * min_lr_ratio
     min_lr_ratio: float = Field(0.1, ge=0, le=1)

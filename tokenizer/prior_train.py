@@ -32,6 +32,7 @@ from .train import TrainingError, resolve_device
 
 Logger = Callable[[str], None]
 LN2 = math.log(2.0)
+LOG_EVERY = 100  # steps between progress lines
 
 
 @dataclass
@@ -273,7 +274,12 @@ def train_prior(
         step += 1
         tokens_seen += x.numel()
         window_loss, window_steps = window_loss + value, window_steps + 1
-        if step % config.train.checkpoint_every == 0 or step == end:
+        checkpoint_now = step % config.train.checkpoint_every == 0 or step == end
+        if step % LOG_EVERY == 0 and not checkpoint_now:
+            rate = tokens_seen / max(time.perf_counter() - started, 1e-9)
+            log(f"step {step}/{total}: train {window_loss / window_steps / LN2:.3f} bits/token "
+                f"(since the last checkpoint), {rate:,.0f} tokens/s")
+        if checkpoint_now:
             entry: dict[str, Any] = {"step": step, "train_bits": window_loss / window_steps / LN2}
             window_loss, window_steps = 0.0, 0
             if held_codes is not None and len(held_codes):
