@@ -38,6 +38,13 @@ def heldout_split(split_names: tuple[str, ...] | list[str], train_split: str) ->
     return None
 
 
+def prior_data_meta(tokens: str | Path, meta: TokenMeta, train_split: str,
+                    heldout: str | None) -> dict[str, Any]:
+    """What a prior checkpoint keeps about its tokens: sampling writes files with this meta."""
+    return {"tokens": str(Path(tokens).resolve()), "token_meta": meta.to_dict(),
+            "train_split": train_split, "heldout_split": heldout}
+
+
 @task(name="train-prior")
 def train_prior_task(tokens: str, out: str, config: dict[str, Any], train_split: str,
                      heldout: str | None) -> dict[str, Any]:
@@ -52,8 +59,7 @@ def train_prior_task(tokens: str, out: str, config: dict[str, Any], train_split:
     heldout = heldout or heldout_split(grid.split_names, train_split)
     if heldout is None:
         logger.warning(f"{tokens} has no validation or test split: no held-out figures")
-    data = {"tokens": str(Path(tokens).resolve()), "token_meta": grid.meta.to_dict(),
-            "train_split": train_split, "heldout_split": heldout}
+    data = prior_data_meta(tokens, grid.meta, train_split, heldout)
     result = train_prior(
         parse_prior_config(config), out, TokenDataset(grid, split=train_split),
         TokenDataset(grid, split=heldout) if heldout else None,
@@ -101,6 +107,10 @@ def sample_meta(token_meta: dict[str, Any], prior: dict[str, Any]) -> TokenMeta:
 def sample_prior_task(prior: str, out: str, n: int, label: int | None, temperature: float,
                       top_k: int | None, seed: int, device: str) -> dict[str, Any]:
     model = load_prior(prior, resolve_device(device))
+    if "token_meta" not in model.data_meta:
+        raise PipelineError(f"{prior} does not record the metadata of its training tokens, "
+                            "so its samples cannot be written as tokens; train it with "
+                            "'prior train'")
     classes = model.shape.num_classes
     if label is not None and not 0 <= label < classes:
         have = f"labels 0..{classes - 1}" if classes else "no labels (it is unconditional)"

@@ -104,7 +104,7 @@ class TokenPrior(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def labels_or_none(self, labels: torch.Tensor | None, batch: int,
+    def label_index(self, labels: torch.Tensor | None, batch: int,
                        device: torch.device) -> torch.Tensor:
         """Label indices for the embedding: -1 (no label) and ``None`` map to ``no_label``."""
         if labels is None:
@@ -126,7 +126,7 @@ class TokenPrior(nn.Module):
         b, t = codes.shape
         if t > self.seq_len:
             raise ValueError(f"sequence of {t} codes is longer than the grid ({self.seq_len})")
-        start = self.label_emb(self.labels_or_none(labels, b, codes.device))[:, None]
+        start = self.label_emb(self.label_index(labels, b, codes.device))[:, None]
         x = torch.cat([start, self.code_emb(codes[:, : t - 1])], dim=1) if t > 1 else start
         x = self.drop(x + self.pos_emb[:, :t])
         for block in self.blocks:
@@ -161,7 +161,7 @@ class TokenPrior(nn.Module):
         was_training = self.training
         self.eval()
         device = self.pos_emb.device
-        labels = self.labels_or_none(labels, n, device)
+        labels = self.label_index(labels, n, device)
         if labels.shape != (n,):
             raise ValueError(f"expected {n} labels, got shape {tuple(labels.shape)}")
         codes = torch.zeros((n, 0), dtype=torch.long, device=device)
