@@ -332,5 +332,9 @@ def serve_parameters(config: Any, checkpoint: str | None, formats: list[str], sh
             "formats": formats, "shard_size": shard_size, "progress": False}
 
 
+from flows.cli_prior import prior  # noqa: E402 - registered after main exists
+
+main.add_command(prior)
+
 if __name__ == "__main__":
     main()

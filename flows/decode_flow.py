@@ -30,8 +30,11 @@ DECODE_BATCH = 256
 
 
 def _originals(meta_extra: dict[str, Any], fingerprint: str, ids: np.ndarray, logger: Any):
-    """The source images for these ids, when the dataset is at hand and unchanged."""
-    if "data" not in meta_extra:
+    """The source images for these ids, when the dataset is at hand and unchanged.
+
+    Generated grids (prior samples) have ids that name no dataset image: never compared.
+    """
+    if "data" not in meta_extra or meta_extra.get("generated_by"):
         return None
     try:
         source = cached_source(DataConfig.model_validate(meta_extra["data"]))

@@ -73,23 +73,35 @@ def save_checkpoint(
     train_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> str:
     """Write atomically and return the weights' content hash."""
+    state = _state_dict(model)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "in_channels": model.in_channels,
+        "config": config.model_dump(),
+        "progress": progress or {},
+    }
+    return write_checkpoint_dir(directory, state, meta, train_state)
+
+
+def write_checkpoint_dir(
+    directory: str | Path,
+    state: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    train_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+) -> str:
+    """Weights + ``meta`` (plus its ``weights_sha256``) as a checkpoint directory, atomically.
+
+    Shared by every model vqtok saves (the tokenizer, the prior); returns the weights' hash.
+    """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = _state_dict(model)
     digest = weights_hash(state)
     save_file(state, str(tmp / WEIGHTS))
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "in_channels": model.in_channels,
-        "weights_sha256": digest,
-        "config": config.model_dump(),
-        "progress": progress or {},
-    }
-    _write_json(tmp / META, meta)
+    _write_json(tmp / META, {**meta, "weights_sha256": digest})
     if train_state is not None:
         tensors, info = train_state
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE))
@@ -135,7 +147,7 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
     try:
@@ -155,7 +167,7 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VQVA
     except (ConfigError, KeyError) as exc:
         raise CheckpointError(f"{directory / META}: bad config ({exc})") from None
     model = build_model(config, int(meta.get("in_channels", config.data.channels)))
-    state = _load_tensors(directory / WEIGHTS)
+    state = load_tensors(directory / WEIGHTS)
     digest = weights_hash(state)
     if digest != meta.get("weights_sha256"):
         raise CheckpointError(
