@@ -17,6 +17,7 @@ import click
 
 USAGE_EXIT = 2
 FAILURE_EXIT = 1
+INTERRUPTED_EXIT = 130  # the shell's code for "stopped by Ctrl-C"
 FORMATS = {"parquet": ["parquet"], "hdf5": ["hdf5"], "both": ["parquet", "hdf5"]}
 
 # A temporary Prefect server on a busy 2-core machine can take longer than Prefect's default
@@ -65,14 +66,43 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             _quiet_tracebacks()
         try:
             return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("error: interrupted; re-run the same command to continue (finished shards "
+                       "and checkpoints are kept)", err=True)
+            sys.exit(INTERRUPTED_EXIT)
         except (*usage, *failures) as exc:
             if debug:
                 raise
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if isinstance(exc, OSError):
+                from flows.errors import describe_os_error
+
+                message = describe_os_error(exc)
+            else:
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             click.echo(f"error: {message}", err=True)
             sys.exit(USAGE_EXIT if isinstance(exc, usage) else FAILURE_EXIT)
 
     return wrapper
+
+
+class OneLineErrors(click.Group):
+    """Click's own usage errors (bad option, missing path) as one ``error:`` line too."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            hint = " (see --help)" if isinstance(exc, click.UsageError) else ""
+            click.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(INTERRUPTED_EXIT)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def _options(*specs: Callable[..., Any]) -> Callable[..., Any]:
@@ -129,6 +159,21 @@ def _encode_data(checkpoint: str, dataset: str | None, data_root: str | None,
     return data.model_copy(update=changes).model_dump() if changes else data.model_dump()
 
 
+def _check_out(out: str | Path) -> None:
+    """An output folder that cannot take files fails now, not after hours of work."""
+    from flows.errors import check_writable
+
+    check_writable(out)
+
+
+def _check_model(checkpoint: str, device: str | None) -> None:
+    """Load the weights up front (the flows reuse them from the cache): a truncated or
+    mismatched checkpoint fails before any Prefect machinery starts."""
+    from flows.runtime import cached_model
+
+    cached_model(checkpoint, device or "auto")
+
+
 def _check_checkpoint(checkpoint: str) -> dict[str, Any]:
     """Fail in a second, before a Prefect server starts, on a path that is no checkpoint."""
     from tokenizer.checkpoint import read_checkpoint_meta
@@ -151,7 +196,8 @@ def _check_tokens_match(tokens: str, checkpoint: str) -> None:
     meta.check_tokenizer(_check_checkpoint(checkpoint)["weights_sha256"], where=tokens)
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
@@ -178,6 +224,7 @@ def train(config_path: str | None, out: str, quiet: bool, **overrides: Any) -> N
 
     config = build_config(config_path, **overrides)
     _check_data(config.data)
+    _check_out(out)
     result = train_flow(config.model_dump(), out, not quiet)
     picture = write_reconstructions(Path(result["checkpoint"]), config,
                                     Path(out) / "reconstructions.png")
@@ -223,6 +270,8 @@ def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
         raise click.UsageError("encode needs --checkpoint (a folder written by 'train')")
     data = _encode_data(checkpoint, dataset, data_root, config_path)
     _check_data(data)
+    _check_model(checkpoint, device)
+    _check_out(out)
     result = encode_flow(checkpoint, out, data, FORMATS[fmt], shard_size,
                          batch_size or DEFAULT_BATCH_SIZE, device or "auto", workers, not quiet)
     click.echo(f"{result['encoded_images']} images encoded ({result['skipped_shards']} of "
@@ -239,8 +288,11 @@ def stats(tokens: str | None, out: str) -> None:
     """Codebook usage of a token store: stats.json, usage.png, position_entropy.png."""
     from flows.runtime import RunPaths
     from flows.stats_flow import stats_flow
+    from storage import read_meta
 
     paths = RunPaths(Path(out))
+    read_meta(tokens or paths.tokens)  # a missing or damaged store fails before Prefect starts
+    _check_out(paths.stats)
     result = stats_flow(tokens or str(paths.tokens), str(paths.stats))
     click.echo(f"usage {result['usage']:.1%} ({result['codes_used']}/{result['codebook_size']}),"
                f" perplexity {result['perplexity']:.1f}, {result['entropy_bits']:.2f} bits/token"
@@ -265,6 +317,8 @@ def decode(tokens: str, checkpoint: str | None, out: str, split: str | None, lim
     if not checkpoint:
         raise click.UsageError("decode needs --checkpoint (the tokenizer that made the tokens)")
     _check_tokens_match(tokens, checkpoint)
+    _check_model(checkpoint, device)
+    _check_out(out)
     result = decode_flow(tokens, checkpoint, out, split, limit, device=device or "auto")
     line = f"decoded {result['images']} images -> {result['picture']}"
     if "psnr" in result:
@@ -289,8 +343,9 @@ def run(config_path: str | None = None, out: str = "runs/demo", checkpoint: str 
     batch = overrides.pop("batch_size", None)
     config = build_config(config_path, **overrides)
     if checkpoint:
-        _check_checkpoint(checkpoint)
+        _check_model(checkpoint, overrides.get("device"))
     _check_data(config.data)
+    _check_out(out)
     explicit = config_path or any(v is not None for v in overrides.values())
     summary = tokenize_dataset(
         config.model_dump() if (explicit or not checkpoint) else None, out, checkpoint,

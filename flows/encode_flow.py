@@ -7,6 +7,7 @@ re-run skips finished shards, redoes unfinished ones, and ends with the same fil
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.errors import located
 from flows.progress import image_progress
 from flows.retry import retry_on_io_error
 from flows.runtime import RunPaths, cached_model, cached_source, checkpoint_config, token_meta
@@ -35,9 +37,10 @@ def _shard_cache_key(_context: Any, params: dict[str, Any]) -> str:
     return "encode-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
+# Results are small dicts, persisted as JSON: nothing a later run reads back is unpickled.
 @task(name="encode-shard", retries=2, retry_condition_fn=retry_on_io_error,
       retry_delay_seconds=2, cache_key_fn=_shard_cache_key, persist_result=True,
-      task_run_name="encode {split}/part-{index:05d}")
+      result_serializer="json", task_run_name="encode {split}/part-{index:05d}")
 def encode_shard(
     checkpoint: str, data: dict[str, Any], meta: dict[str, Any], out: str, split: str,
     index: int, shard_size: int, formats: list[str], batch_size: int, device: str,
@@ -56,14 +59,17 @@ def encode_shard(
                 "skipped": True}
     started = time.perf_counter()
     shard_ids = ids[shard.start : shard.stop]
-    with store.open_shard(shard) as writer, image_progress(
-        f"encode {shard}", len(shard_ids), enabled=progress
-    ) as advance:
-        for codes, batch_ids, labels in encode_ids(model, source, shard_ids, batch_size,
-                                                   model.quantizer.codebook.device,
-                                                   num_workers=num_workers):
-            writer.write(codes, batch_ids, labels)
-            advance(len(batch_ids))
+    try:
+        with store.open_shard(shard) as writer, image_progress(
+            f"encode {shard}", len(shard_ids), enabled=progress
+        ) as advance:
+            for codes, batch_ids, labels in encode_ids(model, source, shard_ids, batch_size,
+                                                       model.quantizer.codebook.device,
+                                                       num_workers=num_workers):
+                writer.write(codes, batch_ids, labels)
+                advance(len(batch_ids))
+    except OSError as exc:  # still an OSError (so retried); now it names the shard
+        raise located(exc, store.tokens_dir / str(shard)) from exc
     seconds = time.perf_counter() - started
     return {"split": split, "index": index, "rows": shard.num_rows, "seconds": seconds,
             "skipped": False}
@@ -76,7 +82,10 @@ def finalize_store(out: str, meta: dict[str, Any], shard_size: int, formats: lis
     store = ShardedTokenStore(out, TokenMeta.from_dict(meta), shard_size, formats)
     for split, rows in splits.items():
         store.plan(split, rows)
-    return str(store.finalize())
+    try:
+        return str(store.finalize())
+    except OSError as exc:
+        raise located(exc, store.manifest_path) from exc
 
 
 @flow(name="encode")
@@ -101,6 +110,12 @@ def encode_flow(
     meta = token_meta(model, source, data_cfg)
     paths = RunPaths(Path(out))
     store = ShardedTokenStore(paths.root, meta, shard_size, formats)
+    recorded = store.recorded_created_at()
+    if recorded and recorded != meta.created_at:
+        # Resuming: new shards carry the finished ones' creation time, so the store equals
+        # an uninterrupted run byte for byte.
+        meta = dataclasses.replace(meta, created_at=recorded)
+        store = ShardedTokenStore(paths.root, meta, shard_size, formats)
     splits = {name: len(ids) for name, ids in source.splits.items()}
     started = time.perf_counter()
     results = []

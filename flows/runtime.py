@@ -7,6 +7,7 @@ per process through these caches, so a worker that runs many shards loads them o
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -53,8 +54,15 @@ def checkpoint_config(checkpoint: str | Path) -> tuple[Config, dict[str, Any]]:
 
 
 @lru_cache(maxsize=4)
-def cached_model(checkpoint: str, device: str) -> VQVAE:
+def _cached_model(checkpoint: str, device: str, weights_sha256: str) -> VQVAE:
     return load_tokenizer(checkpoint, device=resolve_device(device))
+
+
+def cached_model(checkpoint: str, device: str) -> VQVAE:
+    """The checkpoint's model, loaded once per process while its weights stay the same
+    (a checkpoint re-written in place, by training more, is loaded again)."""
+    digest = read_checkpoint_meta(checkpoint)["weights_sha256"]
+    return _cached_model(str(checkpoint), device, digest)
 
 
 def _data_key(data: DataConfig) -> str:
@@ -62,12 +70,32 @@ def _data_key(data: DataConfig) -> str:
 
 
 @lru_cache(maxsize=2)
-def _cached_source(key: str) -> ImageSource:
+def _cached_source(key: str, stamp: str) -> ImageSource:
     return open_source(DataConfig.model_validate_json(key))
 
 
+def _stamp(data: DataConfig) -> str:
+    """Changes when an .npz file changes, or files are added to, removed from or renamed in
+    an image folder, so a long-lived process (a notebook, the test suite) does not encode a
+    stale listing. Cheap: one stat, or one stat per folder (an image rewritten in place under
+    the same name goes unnoticed until the process restarts)."""
+    kind, _, where = data.dataset.partition(":")
+    if kind not in ("npz", "imagefolder") or not where:
+        return ""  # named datasets: fixed files under data_root
+    root = Path(where).expanduser()
+    parts = []
+    try:
+        folders = os.walk(root) if root.is_dir() else [(str(root), [], [])]
+        for folder, _, _ in folders:
+            st = os.stat(folder)
+            parts.append(f"{folder}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+    except OSError:
+        return "missing"  # open_source says what is wrong
+    return "|".join(parts)
+
+
 def cached_source(data: DataConfig) -> ImageSource:
-    return _cached_source(_data_key(data))
+    return _cached_source(_data_key(data), _stamp(data))
 
 
 def token_meta(model: VQVAE, source: ImageSource, data: DataConfig) -> TokenMeta:

@@ -58,6 +58,8 @@ class Manifest:
                 ]
                 for fmt in self.formats
             }
+        except TokenStoreError:
+            raise  # already names the file and the problem
         except (KeyError, TypeError, ValueError) as exc:
             raise TokenStoreError(
                 self.path, f"manifest is corrupt (bad or missing {exc})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -36,7 +37,20 @@ def codes_dtype_for(codebook_size: int) -> np.dtype:
 
 
 def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    """Now in UTC, or the time ``SOURCE_DATE_EPOCH`` fixes (the reproducible-builds convention).
+
+    With the variable set, two runs over the same data write byte-identical token files.
+    """
+    fixed = os.environ.get("SOURCE_DATE_EPOCH")
+    if fixed is None or not fixed.strip():
+        return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    try:
+        seconds = int(fixed)
+    except ValueError:
+        raise TokenStoreError(
+            None, f"SOURCE_DATE_EPOCH={fixed!r} is not a whole number of seconds; fix or unset it"
+        ) from None
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
 
 
 def _as_int(name: str, value: Any, low: int, high: int) -> int:
@@ -51,9 +65,9 @@ def _as_int(name: str, value: Any, low: int, high: int) -> int:
 class TokenMeta:
     """Identity of a token store: codebook, grid, source data and tokenizer checkpoint.
 
-    ``created_at=None`` is resolved to the current UTC time once, at construction, so every
-    file written with one TokenMeta carries the same timestamp; pass a fixed string to get
-    byte-identical files across runs.
+    ``created_at=None`` is resolved to the current UTC time (or ``SOURCE_DATE_EPOCH``) once,
+    at construction, so every file written with one TokenMeta carries the same timestamp; pass
+    a fixed string to get byte-identical files across runs.
     """
 
     codebook_size: int

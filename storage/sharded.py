@@ -187,6 +187,25 @@ class ShardedTokenStore:
                     return False
         return True
 
+    def recorded_created_at(self) -> str | None:
+        """The creation time of shards already written for this store's tokens, if any.
+
+        A resumed run passes it back in ``meta`` so its new shards carry the same time as the
+        finished ones: the store then equals an uninterrupted run byte for byte. Records of
+        other tokenizers or data are ignored here (resuming onto them is refused later).
+        """
+        if not self.tokens_dir.is_dir():
+            return None
+        times = []
+        for path in self.tokens_dir.glob("*/_part-*.done.json"):
+            try:
+                theirs = TokenMeta.from_dict(read_json(path, RECORD_KIND).get("meta"), where=path)
+            except TokenStoreError:
+                continue  # torn or foreign: that shard is redone anyway
+            if not self.meta.differences(theirs) and theirs.created_at:
+                times.append(theirs.created_at)
+        return min(times) if times else None
+
     def open_shard(self, shard: ShardSpec) -> ShardWriter:
         """Start (or restart) a shard: leftovers of an earlier attempt are removed first."""
         self._check_spec(shard)
@@ -320,7 +339,7 @@ class ShardWriter(PublishOnSuccess):
                 f"shard {self.shard} got {self.num_rows} rows but is planned for "
                 f"{self.shard.num_rows}; nothing was published",
             )
-        files = {}
+        files: dict[str, dict[str, Any]] = {}
         try:
             for fmt, writer in self._writers.items():
                 path = writer.close()
@@ -329,9 +348,16 @@ class ShardWriter(PublishOnSuccess):
                     "sha256": sha256_file(path),
                     "bytes": path.stat().st_size,
                 }
+            self._publish_record(files)
         except BaseException:
             self.abort()
+            # Formats already renamed into place belong to a shard that never completed: take
+            # them back, so a failed shard (disk full, say) leaves no file under a final name.
+            for fmt in files:
+                self.store.shard_path(self.shard, fmt).unlink(missing_ok=True)
             raise
+
+    def _publish_record(self, files: dict[str, dict[str, Any]]) -> None:
         record = {
             "kind": RECORD_KIND,
             "version": LAYOUT_VERSION,

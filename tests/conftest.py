@@ -9,6 +9,10 @@ import pytest
 
 # Prefect keeps its database and cached task results under PREFECT_HOME: never the user's.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="vqtok-test-prefect-")
+# Test models are tiny: a second intra-op thread gains nothing and, on a busy 2-core machine,
+# makes every step wait on a descheduled thread (test_train.py took 5x longer). Set before
+# torch is first imported; an explicit OMP_NUM_THREADS wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from tests.helpers import write_npz

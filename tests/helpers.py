@@ -1,6 +1,9 @@
-"""Test data makers shared by several test modules."""
+"""Test data makers and CLI helpers shared by several test modules."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -17,3 +20,49 @@ def write_npz(path, n: int = 40, size: int = 8, seed: int = 0, nhwc: bool = Fals
     array = images[..., None] if nhwc else images[:, None]
     np.savez(path, images=array, labels=labels)
     return path
+
+
+def tiny_raw(dataset: str, **train: object) -> dict:
+    """The tiny test config (conftest.TINY) as a plain dict, on another dataset."""
+    from tests.conftest import TINY
+
+    raw = json.loads(json.dumps(TINY))
+    raw["data"]["dataset"] = dataset
+    raw["train"].update(train)
+    return raw
+
+
+def make_checkpoint(folder: Path, raw: dict, seed: int = 0) -> Path:
+    """An untrained tiny checkpoint whose codebook is k-means fitted, so codes vary."""
+    import torch
+
+    from tokenizer import save_checkpoint
+    from tokenizer.checkpoint import build_model
+    from tokenizer.config import parse_config
+
+    config = parse_config(raw)
+    torch.manual_seed(seed)
+    model = build_model(config)
+    model.train()(torch.rand(64, config.data.channels, 8, 8))
+    save_checkpoint(folder, model, config)
+    return folder
+
+
+def fails(*args: object, code: int = 1) -> str:
+    """Run the CLI, check the exit code and the single error line; return its message."""
+    from click.testing import CliRunner
+
+    from flows.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0][len("error: "):]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path: equal trees are byte-identical stores."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}

@@ -56,3 +56,29 @@ def test_decode_refuses_codes_outside_the_codebook():
         model.decode(torch.tensor([[[0, 16]]]))
     with pytest.raises(TypeError, match="integer"):
         model.decode(torch.zeros(1, 2, 2))
+
+
+def test_encode_ids_gives_the_same_codes_whatever_the_batch_size(tmp_path):
+    """Batch 1 included: encode_ids encodes a lone image as a batch of two copies, since
+    PyTorch's CPU convolutions round differently for a single image (see encode_ids)."""
+    import numpy as np
+
+    from tests.helpers import make_checkpoint, tiny_raw, write_npz
+    from tokenizer import load_tokenizer, open_source
+    from tokenizer.config import parse_config
+    from tokenizer.encode import encode_ids
+
+    raw = tiny_raw(f"npz:{write_npz(tmp_path / 'x.npz', n=50)}")
+    model = load_tokenizer(make_checkpoint(tmp_path / "ck", raw))
+    source = open_source(parse_config(raw).data)
+    ids = np.arange(50)[::-1].copy()  # any order: rows follow ids
+    runs = {}
+    for batch in (1, 3, 16, 50):
+        parts = list(encode_ids(model, source, ids, batch))
+        runs[batch] = [np.concatenate(column) for column in zip(*parts, strict=True)]
+        assert all(len(p[0]) == len(p[1]) == len(p[2]) for p in parts)
+    with torch.no_grad():
+        expected = model.encode(source.load_batch(ids)[0]).numpy()
+    for codes, batch_ids, labels in runs.values():
+        assert np.array_equal(codes, expected) and np.array_equal(batch_ids, ids)
+        assert np.array_equal(labels, source.load_batch(ids)[1].numpy())

@@ -33,10 +33,20 @@ def test_dict_and_json_round_trip():
     assert TokenMeta.from_json(meta.to_json()) == meta
 
 
-def test_created_at_none_is_resolved_once_to_utc_iso():
+def test_created_at_none_is_resolved_once_to_utc_iso(monkeypatch):
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     meta = make_meta(created_at=None)
     assert meta.created_at is not None and meta.created_at.endswith("+00:00")
     assert TokenMeta.from_dict(meta.to_dict()).created_at == meta.created_at
+
+
+def test_source_date_epoch_fixes_the_creation_time(monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")
+    assert make_meta(created_at=None).created_at == "1970-01-01T00:00:00+00:00"
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(TokenStoreError, match="SOURCE_DATE_EPOCH='yesterday' is not a whole "
+                                              "number of seconds; fix or unset it"):
+        make_meta(created_at=None)
 
 
 @pytest.mark.parametrize(

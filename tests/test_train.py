@@ -1,11 +1,12 @@
 """Training: learns, checkpoints every epoch, resumes exactly, stops cleanly on NaN."""
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from tokenizer import TrainingError, load_tokenizer, open_source, train
+from tokenizer import CheckpointError, TrainingError, load_tokenizer, open_source, train
 from tokenizer.checkpoint import STATE, STATE_META
 
 
@@ -54,11 +55,71 @@ def test_max_steps_stops_early(tmp_path, tiny_config):
 def test_resume_with_another_architecture_is_refused(tmp_path, tiny_config):
     quiet_train(tiny_config, tmp_path / "run")
     other = tiny_config.with_overrides(**{"model.num_embeddings": 32, "train.epochs": 2})
-    with pytest.raises(TrainingError, match="different 'model'"):
+    with pytest.raises(TrainingError, match="different 'model.num_embeddings'"):
         quiet_train(other, tmp_path / "run")
 
 
-def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config):
+def test_image_size_must_fit_the_downsampling(tmp_path, tiny_config):
+    config = tiny_config.with_overrides(**{"data.image_size": 10})
+    with pytest.raises(TrainingError, match="not divisible by 2\\^num_downsamples = 4"):
+        quiet_train(config, tmp_path / "run")
+
+
+def _opt_state(run):
+    from safetensors.torch import load_file
+
+    return load_file(run / "checkpoint" / STATE), json.loads((run / "checkpoint" / STATE_META)
+                                                             .read_text())
+
+
+def test_stopping_inside_an_epoch_and_resuming_equals_an_uninterrupted_run(tmp_path, tiny_config):
+    two = tiny_config.with_overrides(**{"train.epochs": 2, "train.checkpoint_every": 3})
+    straight = quiet_train(two, tmp_path / "a")
+
+    stopped = quiet_train(two.with_overrides(**{"train.max_steps": 7}), tmp_path / "b")
+    assert stopped.step == 7 and stopped.epochs_done == 1
+    tensors, info = _opt_state(tmp_path / "b")
+    assert info["step"] == 7 and info["epoch_batches"] == 2  # steps 6 and 7 of epoch 2
+    assert len(info["history"]) == 1  # only whole epochs enter the history
+    resumed = quiet_train(two, tmp_path / "b")
+    assert resumed.resumed_from_step == 7 and resumed.weights_sha256 == straight.weights_sha256
+    assert resumed.history == straight.history  # epoch 2's loss spans both runs
+    (a, a_info), (b, b_info) = _opt_state(tmp_path / "a"), _opt_state(tmp_path / "b")
+    assert a_info == b_info and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_every_saves_inside_the_epoch(tmp_path, tiny_config, monkeypatch):
+    import importlib
+
+    loop = importlib.import_module("tokenizer.train")  # the module, not the function
+    saved = []
+    real = loop.save_checkpoint
+
+    def spy(directory, model, config, progress=None, train_state=None):
+        saved.append(progress["step"])
+        return real(directory, model, config, progress, train_state)
+
+    monkeypatch.setattr(loop, "save_checkpoint", spy)
+    config = tiny_config.with_overrides(**{"train.epochs": 2, "train.checkpoint_every": 2})
+    quiet_train(config, tmp_path / "run")
+    assert saved == [2, 4, 5, 6, 8, 10]  # 5 steps per epoch: every 2nd step plus epoch ends
+
+
+def test_a_crash_inside_the_checkpoint_swap_is_recovered_on_resume(tmp_path, tiny_config):
+    two = tiny_config.with_overrides(**{"train.epochs": 2})
+    straight = quiet_train(two, tmp_path / "a")
+    quiet_train(tiny_config, tmp_path / "b")
+    run = tmp_path / "b"
+    # What a kill between save_checkpoint's two renames leaves: `.old` plus a complete `.tmp`.
+    (run / "checkpoint").rename(run / "checkpoint.old")
+    shutil.copytree(run / "checkpoint.old", run / "checkpoint.tmp")
+    resumed = quiet_train(two, run)
+    assert resumed.resumed_from_step == 5 and resumed.weights_sha256 == straight.weights_sha256
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint"]
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_nan_or_inf_inputs_stop_training_naming_the_step(tmp_path, tiny_config, poison):
     source = open_source(tiny_config.data)
     calls = {"n": 0}
     clean = source.load_batch
@@ -66,20 +127,61 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, tiny_co
     def poisoned(ids):
         images, labels = clean(ids)
         calls["n"] += 1
-        if calls["n"] == 8:  # inside epoch 2 (epoch 1 is 5 batches + 3 validation batches)
-            images[0, 0, 0, 0] = float("nan")
+        if calls["n"] == 7:  # epoch 2's first batch (epoch 1: 5 batches + 1 validation batch)
+            images[0, 0, 0, 0] = poison
         return images, labels
 
     source.load_batch = poisoned
-    config = tiny_config.with_overrides(**{"train.epochs": 3})
-    with pytest.raises(TrainingError, match=r"loss became nan at step \d+; stopped"):
-        quiet_train(config, tmp_path / "run", source=source)
-    meta = json.loads((tmp_path / "run/checkpoint/config.json").read_text())
+    config = tiny_config.with_overrides(**{"train.epochs": 3, "train.eval_batch_size": 16})
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError) as info:
+        quiet_train(config, run, source=source)
+    assert str(info.value) == (
+        f"loss became nan at step 6; stopped, the last good checkpoint ({run / 'checkpoint'}, "
+        "step 5) is kept; lower train.lr or check the data")
+    meta = json.loads((run / "checkpoint/config.json").read_text())
     assert meta["progress"]["step"] == 5  # the end of epoch 1
-    assert torch.isfinite(load_tokenizer(tmp_path / "run").quantizer.codebook).all()
+    assert torch.isfinite(load_tokenizer(run).quantizer.codebook).all()
 
 
-def test_image_size_must_fit_the_downsampling(tmp_path, tiny_config):
-    config = tiny_config.with_overrides(**{"data.image_size": 10})
-    with pytest.raises(TrainingError, match="not divisible by 2\\^num_downsamples = 4"):
-        quiet_train(config, tmp_path / "run")
+def test_weights_that_turn_non_finite_are_never_saved(tmp_path, tiny_config, monkeypatch):
+    config = tiny_config.with_overrides(**{"train.epochs": 2, "train.checkpoint_every": 2})
+    real_step = torch.optim.Adam.step
+    steps = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        steps["n"] += 1
+        if steps["n"] == 4:  # right before the save at step 4
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"weights became non-finite \(encoder\.\S+\) at "
+                                            r"step 4; stopped, the last good checkpoint"):
+        quiet_train(config, run)
+    assert json.loads((run / "checkpoint" / STATE_META).read_text())["step"] == 2
+    load_tokenizer(run)  # finite, loadable
+
+
+def test_damaged_training_state_is_named(tmp_path, tiny_config):
+    quiet_train(tiny_config.with_overrides(**{"train.max_steps": 2}), tmp_path / "run")
+    (tmp_path / "run/checkpoint" / STATE_META).write_text('{"step": 2')
+    with pytest.raises(CheckpointError, match=r"checkpoint: training state unusable "
+                                              r"\(JSONDecodeError: .*\); delete .* to start over"):
+        quiet_train(tiny_config, tmp_path / "run")
+
+
+def test_an_empty_validation_split_trains_without_validation(tmp_path):
+    from tests.helpers import tiny_raw, write_npz
+    from tokenizer.config import parse_config
+
+    npz = write_npz(tmp_path / "five.npz", n=5)  # ids 0..4: no id % 10 == 9
+    logs = []
+    result = train(parse_config(tiny_raw(f"npz:{npz}")), tmp_path / "run", progress=False,
+                   log=logs.append)
+    assert result.step == 1 and result.validation == {}
+    assert logs[0] == f"split 'validation' of npz:{npz} is empty; training without validation"
+    load_tokenizer(tmp_path / "run")

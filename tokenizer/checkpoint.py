@@ -65,6 +65,19 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def recover_checkpoint(directory: str | Path) -> None:
+    """Undo a crash between save_checkpoint's two renames: put ``.old`` back in place.
+
+    Without this a resumed run would see no checkpoint and start over, and the next save
+    would delete ``.old``: the only good copy.
+    """
+    directory = Path(directory)
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and (old / META).is_file():
+        old.rename(directory)
+        _fsync_dir(directory.parent)
+
+
 def save_checkpoint(
     directory: str | Path,
     model: VQVAE,
@@ -93,23 +106,42 @@ def write_checkpoint_dir(
     """Weights + ``meta`` (plus its ``weights_sha256``) as a checkpoint directory, atomically.
 
     Shared by every model vqtok saves (the tokenizer, the prior); returns the weights' hash.
+    An error while writing (disk full, say) removes the temporary copy and leaves the
+    previous checkpoint as it was; the OSError names the file that could not be written.
     """
     directory = Path(directory)
+    recover_checkpoint(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     digest = weights_hash(state)
-    save_file(state, str(tmp / WEIGHTS))
-    _write_json(tmp / META, {**meta, "weights_sha256": digest})
-    if train_state is not None:
-        tensors, info = train_state
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / STATE))
-        _write_json(tmp / STATE_META, info)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    # Swap: a crash between the two renames leaves ``.old``, which resolve_checkpoint accepts.
+    target = tmp
+    try:
+        tmp.mkdir(parents=True)
+        target = tmp / WEIGHTS
+        save_file(state, str(target))
+        target = tmp / META
+        _write_json(target, {**meta, "weights_sha256": digest})
+        if train_state is not None:
+            tensors, info = train_state
+            target = tmp / STATE
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      str(target))
+            target = tmp / STATE_META
+            _write_json(target, info)
+        for f in tmp.iterdir():
+            target = f
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(target)) from exc
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Swap: a crash between the two renames leaves ``.old``, which recover_checkpoint restores.
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
         directory.rename(old)
@@ -143,6 +175,12 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{directory / META}: unreadable ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{directory / META}: not a vqtok checkpoint description")
+    for key, kind in (("config", dict), ("weights_sha256", str)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(
+                f"{directory / META}: '{key}' missing or malformed; the checkpoint is damaged, "
+                "use another one or train again"
+            )
     meta["directory"] = str(directory)
     return meta
 
@@ -182,6 +220,12 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VQVA
         raise CheckpointError(
             f"{directory / WEIGHTS}: weights do not fit the architecture in {META} ({detail})"
         ) from None
+    bad = [name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise CheckpointError(
+            f"{directory / WEIGHTS}: weights hold NaN or Inf (in {bad[0]}); this checkpoint "
+            "cannot encode anything, use an earlier one"
+        )
     model.checkpoint_hash = digest
     return model.to(device).eval()
 

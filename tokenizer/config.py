@@ -54,6 +54,9 @@ class TrainConfig(_Strict):
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     num_workers: int = Field(0, ge=0)
     eval_batch_size: int = Field(500, ge=1)
+    # Also checkpoint every this many steps inside an epoch (None: only at epoch ends), so a
+    # killed run loses at most this many steps. Saving does not change the training result.
+    checkpoint_every: int | None = Field(500, ge=1)
 
 
 class Config(_Strict):
@@ -113,7 +116,10 @@ def load_config(path: str | Path | None) -> Config:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML{where} ({problem})") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return parse_config(raw, source=str(path))

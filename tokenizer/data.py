@@ -283,6 +283,8 @@ def _cifar10(root: Path, cfg: DataConfig) -> ArraySource:
 
 
 def _npz(path: Path, cfg: DataConfig) -> ArraySource:
+    if path.is_dir():
+        raise DataError(f"npz:{path}: is a folder; use imagefolder:{path} for folders of images")
     if not path.is_file():
         raise DataError(f"npz:{path}: file not found")
     try:
@@ -304,6 +306,8 @@ def _npz(path: Path, cfg: DataConfig) -> ArraySource:
     elif images.ndim != 4:
         raise DataError(f"{path}: 'images' must be NHW, NHWC or NCHW, got shape {images.shape}")
     n = len(images)
+    if n == 0:
+        raise DataError(f"{path}: 'images' holds no images; nothing to train on or encode")
     if labels is None:
         labels = np.full(n, -1, dtype=np.int64)
     elif labels.shape != (n,):
@@ -325,8 +329,16 @@ class ImageFolderSource(ImageSource):
     """PNG/JPEG files under a folder, sorted by path; class subfolders become labels."""
 
     def __init__(self, root: Path, cfg: DataConfig) -> None:
+        if root.is_file():
+            hint = f"npz:{root}" if root.suffix == ".npz" else "the folder holding the images"
+            raise DataError(f"imagefolder:{root}: is a file, not a folder; use {hint}")
         if not root.is_dir():
             raise DataError(f"imagefolder:{root}: folder not found")
+        if cfg.channels not in (1, 3):
+            raise DataError(
+                f"imagefolder:{root}: image files are read as 1 or 3 channels, the config has "
+                f"data.channels {cfg.channels}; set 1 or 3"
+            )
         files = sorted(
             p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         )
@@ -353,14 +365,12 @@ class ImageFolderSource(ImageSource):
     def _read(self, path: Path) -> torch.Tensor:
         from PIL import Image, UnidentifiedImageError
 
-        mode = {1: "L", 3: "RGB"}.get(self.cfg.channels)
-        if mode is None:
-            raise DataError(f"imagefolder supports 1 or 3 channels, config has {self.cfg.channels}")
+        mode = "L" if self.cfg.channels == 1 else "RGB"
         try:
             with Image.open(path) as img:
                 img = img.convert(mode)
                 array = np.asarray(img, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
             raise DataError(f"{path}: cannot read image ({exc}); fix or remove the file") from None
         tensor = torch.from_numpy(array.copy())
         tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)

@@ -23,8 +23,13 @@ def encode_ids(
     """Yield ``(codes (B, h, w) int64, ids (B,), labels (B,))`` in the order of ``ids``.
 
     On CUDA, batches come through pinned memory with non-blocking copies and the convolutions
-    run under bf16 autocast (nearest-code distances stay fp32). On CPU everything is fp32, so
-    codes do not depend on the batch size beyond floating-point summation order.
+    run under bf16 autocast (nearest-code distances stay fp32). On CPU everything is fp32.
+
+    A batch of one image is encoded as two copies of it: PyTorch's CPU convolutions take
+    another kernel for a single image, whose rounding flipped 20 of 490,000 codes (near ties)
+    against batch 256 on the MNIST sample, while batches of 2 to 1000 agreed exactly
+    (benchmarks/determinism.py). So codes do not depend on the batch size, nor on where a
+    shard's last, possibly single-image, batch falls.
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -33,8 +38,13 @@ def encode_ids(
     with torch.inference_mode():
         for images, labels in iterate_batches(source, ids, batch_size, num_workers, pin=cuda):
             images = images.to(device, non_blocking=cuda)
+            single = len(images) == 1
+            if single:
+                images = torch.cat([images, images])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and cuda):
                 codes = model.encode(images)
+            if single:
+                codes, images = codes[:1], images[:1]
             batch_ids = ids[start : start + len(images)]
             start += len(images)
             yield codes.cpu().numpy(), batch_ids, labels.numpy()

@@ -18,8 +18,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import STATE, STATE_META, build_model, save_checkpoint
-from .config import Config
+from .checkpoint import (
+    STATE,
+    STATE_META,
+    CheckpointError,
+    build_model,
+    load_tensors,
+    load_tokenizer,
+    read_checkpoint_meta,
+    recover_checkpoint,
+    save_checkpoint,
+)
+from .config import Config, ConfigError, parse_config
 from .data import ImageSource, iterate_batches, open_source
 from .model import VQVAE
 from .stats import code_histogram, psnr, usage_summary
@@ -98,8 +108,10 @@ def evaluate(
 
 
 def _train_state(
-    model: VQVAE, optimizer: torch.optim.Optimizer, step: int, history: list[dict[str, Any]]
+    model: VQVAE, optimizer: torch.optim.Optimizer, step: int, history: list[dict[str, Any]],
+    partial: tuple[float, int] = (0.0, 0),
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Everything a resumed run needs; ``partial`` is the running loss of an unfinished epoch."""
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state(),
                                         "rng.quantizer": model.quantizer.generator.get_state()}
@@ -108,32 +120,77 @@ def _train_state(
     for index, slots in opt["state"].items():
         for key, value in slots.items():
             tensors[f"opt.{index}.{key}"] = torch.as_tensor(value)
-    info = {"step": step, "param_groups": opt["param_groups"], "history": history}
+    info = {"step": step, "param_groups": opt["param_groups"], "history": history,
+            "epoch_loss": partial[0], "epoch_batches": partial[1]}
     return tensors, info
+
+
+@dataclass
+class _Resumed:
+    step: int
+    history: list[dict[str, Any]]
+    partial: tuple[float, int]
 
 
 def _restore_state(
     directory: Path, model: VQVAE, optimizer: torch.optim.Optimizer
-) -> tuple[int, list[dict[str, Any]]]:
-    from safetensors.torch import load_file
+) -> _Resumed:
+    """Load a training checkpoint into ``model`` and ``optimizer`` (and the RNGs).
 
-    from .checkpoint import load_tokenizer
-
+    Nothing here unpickles: tensors come from safetensors, the rest from JSON. A damaged file
+    is a CheckpointError naming it, never a traceback.
+    """
     loaded = load_tokenizer(directory)  # verifies the weights' hash
     model.load_state_dict(loaded.state_dict())
-    tensors = load_file(str(directory / STATE))
-    info = json.loads((directory / STATE_META).read_text())
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("opt."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
-    model.quantizer.generator.set_state(tensors["rng.quantizer"])
+    tensors = load_tensors(directory / STATE)
+    try:
+        info = json.loads((directory / STATE_META).read_text())
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, value in tensors.items():
+            if name.startswith("opt."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = value
+        optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+        torch.set_rng_state(tensors["rng.cpu"])
+        model.quantizer.generator.set_state(tensors["rng.quantizer"])
+        resumed = _Resumed(int(info["step"]), list(info.get("history", [])),
+                           (float(info.get("epoch_loss", 0.0)), int(info.get("epoch_batches", 0))))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise CheckpointError(
+            f"{directory}: training state unusable ({type(exc).__name__}: {detail}); delete "
+            f"{directory} to start over, or train into a new --out"
+        ) from None
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return int(info["step"]), list(info.get("history", []))
+    return resumed
+
+
+def _first_difference(stored: Any, current: Any, key: str) -> str | None:
+    """The dotted name of the first leaf that differs (sorted keys), or None."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        for name in sorted(set(stored) | set(current)):
+            found = _first_difference(stored.get(name), current.get(name), f"{key}.{name}")
+            if found:
+                return found
+        return None
+    return None if stored == current else key
+
+
+def _kept(checkpoint: Path, saved_step: int | None) -> str:
+    if saved_step is None:
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint ({checkpoint}, step {saved_step}) is kept"
+
+
+def _check_finite(model: VQVAE, step: int, checkpoint: Path, saved_step: int | None) -> None:
+    """Never save NaN/Inf weights over the last good checkpoint."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainingError(
+                f"weights became non-finite ({name}) at step {step}; stopped, "
+                f"{_kept(checkpoint, saved_step)}; lower train.lr or check the data"
+            )
 
 
 RESUME_MUST_MATCH = ("seed", "data", "model", "quantizer", "train.batch_size", "train.lr")
@@ -145,8 +202,9 @@ def _config_mismatch(stored: dict[str, Any], current: Config) -> str | None:
         a, b = stored, now
         for part in key.split("."):
             a, b = a.get(part) if isinstance(a, dict) else None, b[part]
-        if a != b:
-            return key
+        found = _first_difference(a, b, key)
+        if found:
+            return found
     return None
 
 
@@ -212,16 +270,26 @@ def train(
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
 
-    step, history = 0, []
+    step, history, partial = 0, [], (0.0, 0)
+    saved_step: int | None = None  # step of the checkpoint on disk, if any
+    last_val: dict[str, float] = {}
+    recover_checkpoint(checkpoint)  # a crash inside save_checkpoint's swap leaves `.old`
     if (checkpoint / STATE).is_file():
-        stored = json.loads((checkpoint / "config.json").read_text())["config"]
+        meta = read_checkpoint_meta(checkpoint)
+        try:
+            stored = parse_config(meta["config"], source=f"{checkpoint}/config.json").model_dump()
+        except (ConfigError, KeyError) as exc:
+            raise CheckpointError(f"{checkpoint}/config.json: bad config ({exc})") from None
         differs = _config_mismatch(stored, config)
         if differs:
             raise TrainingError(
                 f"{out_dir} holds a checkpoint trained with a different '{differs}'; "
                 "use a new --out, or the same config to resume"
             )
-        step, history = _restore_state(checkpoint, model, optimizer)
+        resumed = _restore_state(checkpoint, model, optimizer)
+        step, history, partial = resumed.step, resumed.history, resumed.partial
+        saved_step = step
+        last_val = dict(meta.get("progress", {}).get("validation") or {})
         log(f"resuming from step {step} in {checkpoint}")
     resumed_from = step
     if step >= total_steps:
@@ -231,16 +299,29 @@ def train(
     digest = ""
     amp = config.train.amp and device.type == "cuda"
     pin = device.type == "cuda"
+    every = config.train.checkpoint_every
     model.train()
     started = time.perf_counter()
     images_seen = 0
-    last_val: dict[str, float] = history[-1]["validation"] if history else {}
+    epoch_loss, epoch_batches = partial
 
-    def save(epoch_done: int) -> str:
-        prog = {"step": step, "epochs_done": epoch_done, "total_steps": total_steps,
+    def save() -> str:
+        nonlocal saved_step
+        _check_finite(model, step, checkpoint, saved_step)
+        prog = {"step": step, "epochs_done": step // steps_per_epoch, "total_steps": total_steps,
                 "validation": last_val}
-        return save_checkpoint(checkpoint, model, config, prog,
-                               _train_state(model, optimizer, step, history))
+        state = _train_state(model, optimizer, step, history, (epoch_loss, epoch_batches))
+        digest = save_checkpoint(checkpoint, model, config, prog, state)
+        saved_step = step
+        return digest
+
+    def validate() -> dict[str, float]:
+        if len(val_ids) == 0:
+            return {}
+        return evaluate(model, source, val_ids, config.train.eval_batch_size, device, amp)
+
+    if len(val_ids) == 0:
+        log(f"split '{val_split}' of {source.name} is empty; training without validation")
 
     with _progress(progress) as bar:
         task = bar.add_task("train", total=total_steps, completed=step, rate=0.0, loss=0.0)
@@ -249,7 +330,6 @@ def train(
             shuffle = torch.Generator().manual_seed(config.seed * 7919 + epoch)
             order = torch.randperm(len(train_ids), generator=shuffle)
             ids = train_ids[order.numpy()][offset * config.train.batch_size :]
-            epoch_loss, epoch_batches = 0.0, 0
             for images, _ in iterate_batches(source, ids, config.train.batch_size,
                                              config.train.num_workers, pin):
                 images = images.to(device, non_blocking=True)
@@ -259,8 +339,8 @@ def train(
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise TrainingError(
-                        f"loss became {loss_value} at step {step + 1}; stopped, the last good "
-                        f"checkpoint ({checkpoint}) is kept; lower train.lr or check the data"
+                        f"loss became {loss_value} at step {step + 1}; stopped, "
+                        f"{_kept(checkpoint, saved_step)}; lower train.lr or check the data"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -273,26 +353,32 @@ def train(
                 bar.update(task, advance=1, rate=rate, loss=loss_value)
                 if step >= total_steps:
                     break
-            epoch_done = math.ceil(step / steps_per_epoch)
-            last_val = evaluate(model, source, val_ids, config.train.eval_batch_size, device, amp)
+                if every and step % every == 0 and step % steps_per_epoch:
+                    digest = save()  # inside the epoch: a kill now loses < `every` steps
+            last_val = validate()
             model.train()
-            history.append({"step": step, "epoch": epoch_done,
-                            "train_loss": epoch_loss / max(epoch_batches, 1),
-                            "validation": last_val})
-            log(f"epoch {epoch_done} step {step}/{total_steps}: train loss "
-                f"{history[-1]['train_loss']:.4f}  val mse {last_val['mse']:.5f}  psnr "
-                f"{last_val['psnr']:.2f} dB  usage {last_val['usage']:.1%}  perplexity "
-                f"{last_val['perplexity']:.1f}")
-            digest = save(epoch_done)
+            figures = (f"val mse {last_val['mse']:.5f}  psnr {last_val['psnr']:.2f} dB  usage "
+                       f"{last_val['usage']:.1%}  perplexity {last_val['perplexity']:.1f}"
+                       if last_val else "no validation images")
+            if step % steps_per_epoch == 0:  # a whole epoch: it goes into the history
+                history.append({"step": step, "epoch": step // steps_per_epoch,
+                                "train_loss": epoch_loss / max(epoch_batches, 1),
+                                "validation": last_val})
+                log(f"epoch {step // steps_per_epoch} step {step}/{total_steps}: train loss "
+                    f"{history[-1]['train_loss']:.4f}  {figures}")
+                epoch_loss, epoch_batches = 0.0, 0
+            else:  # stopped by max_steps inside an epoch; a later run continues it
+                log(f"stopped at step {step}/{total_steps} inside epoch {epoch + 1}: {figures}")
+            digest = save()
 
     seconds = time.perf_counter() - started
     if not digest:  # nothing trained in this call: report what is on disk
-        digest = json.loads((checkpoint / "config.json").read_text())["weights_sha256"]
+        digest = read_checkpoint_meta(checkpoint)["weights_sha256"]
     return TrainResult(
         checkpoint=checkpoint,
         weights_sha256=digest,
         step=step,
-        epochs_done=math.ceil(step / steps_per_epoch),
+        epochs_done=step // steps_per_epoch,
         seconds=seconds,
         images_per_second=images_seen / seconds if seconds > 0 else 0.0,
         validation=last_val,

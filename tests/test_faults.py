@@ -1,0 +1,276 @@
+"""Faults with real processes: kill -9 (and Ctrl-C) the CLI mid-run, re-run, compare.
+
+The CLI runs in child processes forked by tests/fault_runner.py (imports paid once) against the
+session's Prefect server. While a child runs, the test watches the output folder and reads
+every file that appears under a final name: none may ever be partial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from storage import load_grid
+from tests.conftest import TINY
+from tests.fault_runner import FaultRunner
+from tests.helpers import tree, write_npz
+from tokenizer import load_tokenizer, save_checkpoint
+from tokenizer.checkpoint import build_model
+from tokenizer.config import parse_config
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+SEED = 20240607  # the kill points below are drawn from it
+IMAGES = 400  # train 360 + validation 40 -> 20 shards of 20 rows
+SHARD_ROWS = 20
+EPOCH_SECONDS = "1700000000"  # SOURCE_DATE_EPOCH: byte-identical stores across runs
+
+
+@pytest.fixture(scope="module")
+def runner(prefect_harness, tmp_path_factory):
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ)
+    env.update(
+        PREFECT_API_URL=str(PREFECT_API_URL.value()),
+        PREFECT_HOME=str(tmp_path_factory.mktemp("fault-prefect-home")),
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        SOURCE_DATE_EPOCH=EPOCH_SECONDS,
+    )
+    helper = FaultRunner(env)
+    yield helper
+    helper.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny checkpoint (k-means initialised, so codes vary) and 400 small images."""
+    root = tmp_path_factory.mktemp("faults")
+    npz = write_npz(root / "images.npz", n=IMAGES)
+    raw = json.loads(json.dumps(TINY))
+    raw["data"]["dataset"] = f"npz:{npz}"
+    config = parse_config(raw)
+    torch.manual_seed(0)
+    model = build_model(config)
+    model.train()(torch.rand(64, 1, 8, 8))
+    save_checkpoint(root / "checkpoint", model, config)
+    return {"root": root, "raw": raw, "checkpoint": root / "checkpoint"}
+
+
+class StoreWatcher:
+    """Reads every file under a final name once per version; partial content fails the test.
+
+    Runs in a thread beside the test's kill loop, so reading files never delays a kill.
+    """
+
+    def __init__(self, tokens: Path) -> None:
+        self.tokens = tokens
+        self.seen: dict[Path, tuple[int, int, int]] = {}
+        self.checked = 0
+        self.problems: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.scan()
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.scan()
+
+    def scan(self) -> None:
+        if not self.tokens.is_dir():
+            return
+        for path in sorted(self.tokens.rglob("*")):
+            if path.name.startswith(".") or path.is_dir():
+                continue  # hidden temp files are where partial content is allowed to live
+            try:
+                st = path.stat()
+                key = (st.st_ino, st.st_size, st.st_mtime_ns)
+                if self.seen.get(path) == key:
+                    continue
+                self._check(path)
+            except FileNotFoundError:
+                continue  # removed between listing and reading (a record being redone)
+            except Exception as exc:  # noqa: BLE001 - every problem is reported at the end
+                self.problems.append(f"{path.relative_to(self.tokens)}: {exc!r}")
+            self.seen[path] = key
+            self.checked += 1
+
+    def _check(self, path: Path) -> None:
+        if path.suffix == ".parquet":
+            assert pq.read_table(path).num_rows == SHARD_ROWS, "partial Parquet file"
+        elif path.suffix == ".h5":
+            with h5py.File(path, "r") as f:
+                assert f["codes"].shape[0] == SHARD_ROWS, "partial HDF5 file"
+                assert "vqtok.meta" in f.attrs
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())  # a torn JSON file raises here
+            if path.name.startswith("_part-"):
+                for entry in data["files"].values():  # shard content is deterministic
+                    file = self.tokens / entry["path"]
+                    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+                    assert digest == entry["sha256"], "record vouches for a different file"
+        else:
+            raise AssertionError("unexpected file")
+
+
+def temps(folder: Path) -> list[Path]:
+    return sorted(folder.rglob(".*.tmp")) if folder.is_dir() else []
+
+
+def records(tokens: Path) -> int:
+    return len(list(tokens.glob("*/_part-*.done.json"))) if tokens.is_dir() else 0
+
+
+def run_until(runner, argv, logs, trigger, signum=signal.SIGKILL):
+    """Start the CLI; when ``trigger()`` says so, send ``signum``. Returns the exit code."""
+    runner.start(argv, logs)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        code = runner.poll()
+        if code is not None:
+            return code
+        if trigger():
+            runner.signal(signum)
+            return runner.wait()
+        time.sleep(0.002)
+    return runner.wait(timeout=1)
+
+
+def encode_argv(tiny, out):
+    return ["encode", "--checkpoint", str(tiny["checkpoint"]), "--out", str(out),
+            "--shard-size", str(SHARD_ROWS), "--batch-size", "2", "--device", "cpu", "--quiet"]
+
+
+def after_records(tokens, extra, delay):
+    """Trigger: ``extra`` more shards finished, then ``delay`` seconds."""
+    target, fired = records(tokens) + extra, []
+
+    def trigger():
+        if not fired and records(tokens) >= target:
+            fired.append(time.monotonic() + delay)
+        return bool(fired) and time.monotonic() >= fired[0]
+
+    return trigger
+
+
+def mid_write(tokens, extra):
+    """Trigger: a shard's temp file exists (its writer is mid-write) after ``extra`` shards."""
+    target = records(tokens) + extra
+    return lambda: records(tokens) >= target and bool(temps(tokens))
+
+
+def test_encode_killed_at_random_points_ends_identical_to_an_uninterrupted_run(
+    runner, tiny, tmp_path
+):
+    reference = tmp_path / "reference"
+    assert run_until(runner, encode_argv(tiny, reference), tmp_path / "ref",
+                     lambda: False) == 0
+
+    out = tmp_path / "run"
+    tokens = out / "tokens"
+    watcher = StoreWatcher(tokens)
+    rng = random.Random(SEED)
+    plan = ["startup", "records", "records", "mid-write", "mid-write", "records", "ctrl-c"]
+    rng.shuffle(plan)
+    outcomes = []
+    for i, mode in enumerate(plan):
+        started = time.monotonic()
+        if mode == "startup":
+            delay = rng.uniform(0.3, 2.0)
+            trigger = lambda d=delay, t=started: time.monotonic() - t >= d  # noqa: E731
+        elif mode == "mid-write":
+            trigger = mid_write(tokens, rng.randint(0, 2))
+        else:
+            trigger = after_records(tokens, rng.randint(1, 3), rng.uniform(0.0, 0.2))
+        signum = signal.SIGINT if mode == "ctrl-c" else signal.SIGKILL
+        code = run_until(runner, encode_argv(tiny, out), tmp_path / f"run{i}", trigger, signum)
+        outcomes.append((mode, code, records(tokens)))
+        if mode == "ctrl-c":
+            assert code == 130, outcomes
+            err = (tmp_path / f"run{i}.err").read_text().strip().splitlines()
+            assert err[-1].startswith("error: interrupted; re-run the same command"), err[-3:]
+    print("interruptions (mode, exit code, finished shards):", outcomes)
+    killed = [o for o in outcomes if o[1] == -signal.SIGKILL]
+    assert len(killed) >= 5, outcomes  # each kill landed while the command was running
+
+    code = run_until(runner, encode_argv(tiny, out), tmp_path / "final", lambda: False)
+    watcher.close()
+    assert code == 0, (tmp_path / "final.err").read_text()[-2000:]
+    assert watcher.problems == []
+    assert temps(out) == []
+    assert watcher.checked >= 40  # shards, records and the manifest were all read mid-run
+    # Row for row and code for code, and in fact byte for byte (same SOURCE_DATE_EPOCH).
+    mine, theirs = load_grid(tokens), load_grid(reference / "tokens")
+    assert np.array_equal(mine.ids, theirs.ids) and np.array_equal(mine.codes, theirs.codes)
+    assert np.array_equal(mine.labels, theirs.labels)
+    assert tree(tokens) == tree(reference / "tokens")
+
+
+def _train_step(checkpoint: Path) -> int:
+    try:
+        return int(json.loads((checkpoint / "train_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return 0  # not written yet, or between the two renames of a save
+
+
+def test_training_killed_twice_resumes_where_it_stood(runner, tiny, tmp_path):
+    raw = json.loads(json.dumps(tiny["raw"]))
+    raw["train"].update(epochs=4, checkpoint_every=10)  # 45 steps per epoch, 180 in all
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    def argv(out):
+        return ["train", "--config", str(config), "--out", str(out), "--quiet"]
+
+    reference = tmp_path / "reference"
+    assert run_until(runner, argv(reference), tmp_path / "ref", lambda: False) == 0
+
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoint"
+    rng = random.Random(SEED + 1)
+    stops = []
+    for i, at in enumerate((rng.randint(10, 60), rng.randint(80, 130))):
+        code = run_until(runner, argv(out), tmp_path / f"train{i}",
+                         lambda a=at: _train_step(checkpoint) >= a)
+        assert code == -signal.SIGKILL
+        load_tokenizer(out)  # what the kill left is a usable checkpoint
+        stops.append(_train_step(checkpoint))
+        if i:
+            log = "".join((tmp_path / f"train{i}{ext}").read_text() for ext in (".out", ".err"))
+            assert f"resuming from step {stops[0]}" in log
+    assert 10 <= stops[0] < stops[1] < 180
+
+    assert run_until(runner, argv(out), tmp_path / "final", lambda: False) == 0
+    log = (tmp_path / "final.out").read_text() + (tmp_path / "final.err").read_text()
+    assert f"resuming from step {stops[1]}" in log  # continued, did not start over
+    ref = reference / "checkpoint"
+    for name in ("config.json", "train_state.json"):
+        mine, theirs = json.loads((checkpoint / name).read_text()), json.loads(
+            (ref / name).read_text())
+        assert mine == theirs, name  # weights hash, step 180, per-epoch history
+    from safetensors.torch import load_file
+
+    mine, theirs = load_file(checkpoint / "train_state.safetensors"), load_file(
+        ref / "train_state.safetensors")
+    assert mine.keys() == theirs.keys() and any(k.startswith("opt.") for k in mine)
+    for key in mine:  # Adam's moments and step counts, and every RNG state
+        assert torch.equal(mine[key], theirs[key]), key

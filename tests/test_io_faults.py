@@ -1,0 +1,208 @@
+"""Simulated I/O faults (disk full, a transient error) and mismatched re-runs, through the CLI.
+
+The faults are injected where the operating system reports them on a real disk: at the
+fsync before a finished temp file is renamed into place (delayed allocation makes that where
+ENOSPC and EIO often surface), and in the checkpoint writer.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import storage.atomic
+import tokenizer.checkpoint
+from flows.cli import main
+from storage import load_grid
+from tests.helpers import fails, make_checkpoint, tiny_raw, tree, write_npz
+from tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture
+def kit(tmp_path, monkeypatch):
+    from flows.encode_flow import encode_shard
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # byte-identical runs
+    monkeypatch.setattr(encode_shard, "retry_delay_seconds", 0)  # retries without the wait
+    npz = write_npz(tmp_path / "images.npz", n=40)
+    raw = tiny_raw(f"npz:{npz}")
+    return {"raw": raw, "npz": npz, "checkpoint": make_checkpoint(tmp_path / "ck", raw)}
+
+
+def encode(kit, out, *extra):
+    result = CliRunner().invoke(main, ["encode", "--checkpoint", str(kit["checkpoint"]),
+                                       "--out", str(out), "--shard-size", "16", "--quiet",
+                                       *map(str, extra)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def failing_fsync(monkeypatch, fail_from: int, fail_count: int, code: int):
+    """fsync calls number fail_from .. fail_from + fail_count - 1 raise OSError(code)."""
+    real = storage.atomic.fsync_path
+    calls = {"n": 0, "raised": 0, "real": real}
+
+    def fsync(path):
+        calls["n"] += 1
+        if fail_from <= calls["n"] < fail_from + fail_count:
+            calls["raised"] += 1
+            raise OSError(code, os.strerror(code))
+        real(path)
+
+    monkeypatch.setattr(storage.atomic, "fsync_path", fsync)
+    return calls
+
+
+def test_disk_full_mid_encode_leaves_only_whole_shards_and_a_rerun_completes(
+    kit, tmp_path, monkeypatch
+):
+    encode(kit, tmp_path / "reference")
+    out = tmp_path / "run"
+    # Per shard: Parquet, HDF5, record. Call 5 is shard 1's HDF5 file; the disk stays full.
+    calls = failing_fsync(monkeypatch, 5, 10**6, errno.ENOSPC)
+    assert fails("encode", "--checkpoint", kit["checkpoint"], "--out", out, "--shard-size",
+                 "16", "--quiet") == (
+        f"{out}/tokens/train/part-00001: No space left on device; free some space (or choose "
+        "another --out) and re-run: finished work is kept")
+    assert calls["raised"] == 3  # the first try and both retries
+    # Shard 0 is whole; shard 1's Parquet file, published before its HDF5 file failed, was
+    # taken back; no temp file is left.
+    assert sorted(p.relative_to(out / "tokens").as_posix() for p in (out / "tokens").rglob("*")) \
+        == ["train", "train/_part-00000.done.json", "train/part-00000.h5",
+            "train/part-00000.parquet"]
+
+    monkeypatch.setattr(storage.atomic, "fsync_path", calls["real"])  # space freed
+    result = encode(kit, out)
+    assert "1 of 4 shards already done" in result.output
+    assert tree(out / "tokens") == tree(tmp_path / "reference" / "tokens")
+
+
+def test_a_transient_io_error_is_retried_and_the_result_is_identical(kit, tmp_path, monkeypatch):
+    encode(kit, tmp_path / "reference")
+    calls = failing_fsync(monkeypatch, 5, 1, errno.EIO)
+    out = tmp_path / "run"
+    encode(kit, out)
+    assert calls["raised"] == 1 and calls["n"] > 12  # 4 shards x 3 files + manifest + retry
+    assert tree(out / "tokens") == tree(tmp_path / "reference" / "tokens")
+    assert np.array_equal(load_grid(out).codes, load_grid(tmp_path / "reference").codes)
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(kit, tmp_path, monkeypatch):
+    from tokenizer.train import train
+
+    raw = json.loads(json.dumps(kit["raw"]))
+    raw["train"].update(epochs=2, checkpoint_every=2)  # 5 steps/epoch: saves at 2, 4, 5, 7, ...
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    from tokenizer.config import parse_config
+
+    reference = train(parse_config(raw), tmp_path / "reference", progress=False,
+                      log=lambda _: None)
+
+    real = tokenizer.checkpoint.save_file
+    calls = {"n": 0}
+
+    def save_file(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the weights of the second save (step 4)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(tokenizer.checkpoint, "save_file", save_file)
+    out = tmp_path / "run"
+    assert fails("train", "--config", config_file, "--out", out, "--quiet") == (
+        f"{out}/checkpoint.tmp/model.safetensors: No space left on device; free some space "
+        "(or choose another --out) and re-run: finished work is kept")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]  # no checkpoint.tmp
+    assert json.loads((out / "checkpoint/train_state.json").read_text())["step"] == 2
+    load_tokenizer(out)
+
+    monkeypatch.setattr(tokenizer.checkpoint, "save_file", real)
+    result = CliRunner().invoke(main, ["train", "--config", str(config_file), "--out", str(out),
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert f"weights {reference.weights_sha256[:12]}), step 10" in result.output
+
+
+def test_rerun_with_another_shard_size_or_checkpoint_is_refused_untouched(kit, tmp_path):
+    out = tmp_path / "run"
+    encode(kit, out)
+    before = tree(out / "tokens")
+    record = out / "tokens/train/_part-00000.done.json"
+    assert fails("encode", "--checkpoint", kit["checkpoint"], "--out", out, "--shard-size",
+                 "10", "--quiet") == (
+        f"{record}: shard covers rows [0, 16) but this plan needs [0, 10); the shard size "
+        "changed - use the old shard_size or a new output folder")
+    other = make_checkpoint(tmp_path / "other", kit["raw"], seed=1)
+    assert fails("encode", "--checkpoint", other, "--out", out, "--shard-size", "16",
+                 "--quiet") == (
+        f"{record}: shard was written with different checkpoint_hash than this store; write "
+        f"to a new output folder or delete {out}/tokens")
+    assert tree(out / "tokens") == before
+
+
+def test_split_names_from_a_dataset_never_leave_the_output_folder(kit, tmp_path, monkeypatch):
+    import flows.runtime
+    from tokenizer.data import ArraySource, open_source
+
+    def evil_source(cfg):
+        clean = open_source(cfg)
+        ids = np.arange(len(clean))
+        return ArraySource(clean.images, clean.labels, {"../../escape": ids}, clean.name,
+                           clean.fingerprint, cfg)
+
+    monkeypatch.setattr(flows.runtime, "open_source", evil_source)
+    flows.runtime._cached_source.cache_clear()
+    out = tmp_path / "deep" / "run"
+    try:
+        message = fails("encode", "--checkpoint", kit["checkpoint"], "--out", out, "--quiet")
+    finally:
+        flows.runtime._cached_source.cache_clear()
+    assert message == (f"{out}/tokens: split name '../../escape' is not allowed; use 1-32 "
+                       "characters from A-Z a-z 0-9 _ . - starting with a letter or digit (it "
+                       "becomes a folder name)")
+    assert not list(tmp_path.rglob("escape*")) and not (out / "tokens").exists()
+
+
+def test_resumed_store_keeps_the_first_runs_creation_time(kit, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1000000000")
+    encode(kit, out)
+    first = tree(out / "tokens")
+    for path in (out / "tokens/train").glob("*part-00002*"):
+        path.unlink()  # as if the run had been killed before this shard
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "2000000000")  # a later day
+    encode(kit, out)
+    assert tree(out / "tokens") == first  # the redone shard says 2001-09-09 too
+    meta = json.loads((out / "tokens/manifest.json").read_text())["meta"]
+    assert meta["created_at"] == "2001-09-09T01:46:40+00:00"
+
+    shutil.rmtree(out / "tokens")
+    encode(kit, out)  # a fresh store gets the new time
+    assert json.loads((out / "tokens/manifest.json").read_text())["meta"]["created_at"] == (
+        "2033-05-18T03:33:20+00:00")
+
+
+def test_same_checkpoint_data_and_batch_size_give_byte_identical_stores(kit, tmp_path):
+    encode(kit, tmp_path / "a", "--batch-size", "5")
+    encode(kit, tmp_path / "b", "--batch-size", "5")
+    a, b = tree(tmp_path / "a" / "tokens"), tree(tmp_path / "b" / "tokens")
+    assert a == b and len(a) == 4 * 3 + 1  # 4 shards x (Parquet, HDF5, record) + manifest
+    grid = load_grid(tmp_path / "a")
+    model = load_tokenizer(kit["checkpoint"])
+    from tokenizer import open_source
+    from tokenizer.config import parse_config
+
+    images, _ = open_source(parse_config(kit["raw"]).data).load_batch(grid.ids)
+    with torch.no_grad():
+        assert np.array_equal(grid.codes, model.encode(images).numpy())
