@@ -36,33 +36,41 @@ def test_evaluation_shares_never_repeat_an_image():
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_two_process_training_keeps_every_rank_identical_and_resumes(tmp_path):
+def test_two_process_training_keeps_every_rank_identical_and_resumes_exactly(tmp_path):
+    from tokenizer.launch import train_distributed
+
     npz = write_npz(tmp_path / "images.npz", n=50)  # validation: 5 images, 3 + 2 per rank
     raw = json.loads(json.dumps(TINY))
     raw["data"]["dataset"] = f"npz:{npz}"
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(raw))
-    run = tmp_path / "run"
-    runner = CliRunner()
+    cfg = parse_config(raw)
 
+    # Reference: two epochs in one go (45 train images, batch 8: 6 steps per epoch).
+    straight = train_distributed(cfg.with_overrides(**{"train.epochs": 2}), tmp_path / "a", 2,
+                                 progress=False)
+    assert straight["world_size"] == 2 and straight["step"] == 12
+    assert straight["rank_weights_sha256"] == [straight["weights_sha256"]] * 2
+
+    # The same through the CLI, killed after one epoch and resumed.
+    run = tmp_path / "b"
+    runner = CliRunner()
     first = runner.invoke(main, ["train", "--config", str(config), "--out", str(run),
                                  "--nproc", "2", "--quiet"])
     assert first.exit_code == 0, first.output
     assert "2 processes; identical weights on every rank: yes" in first.output
-
-    # Resume: a second epoch on the same folder, again on two processes.
     again = runner.invoke(main, ["train", "--config", str(config), "--out", str(run),
                                  "--nproc", "2", "--epochs", "2", "--quiet"])
     assert again.exit_code == 0, again.output
     assert "identical weights on every rank: yes" in again.output
     meta = json.loads((run / "checkpoint/config.json").read_text())
-    assert meta["progress"]["step"] == 12  # 45 train images, batch 8: 6 steps per epoch
+    assert meta["progress"]["step"] == 12
+    assert meta["weights_sha256"] == straight["weights_sha256"]
     model = load_tokenizer(run)
     assert model.checkpoint_hash == meta["weights_sha256"]
 
     # The validation figures count each of the 5 images exactly once: they equal a
     # single-process evaluation of the saved weights.
-    cfg = parse_config(raw)
     source = open_source(cfg.data)
     single = evaluate(model, source, source.split_ids("validation"), 16, "cpu")
     stored = meta["progress"]["validation"]
