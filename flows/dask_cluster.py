@@ -17,8 +17,13 @@ _LOCAL = re.compile(r"^local:(\d+)$")
 _ADDRESS = re.compile(r"^(tcp|tls|inproc|ucx)://\S+$")
 
 
-def runner_options(spec: str) -> dict[str, Any]:
-    """``DaskTaskRunner`` keyword arguments for a ``--cluster`` value."""
+def runner_options(spec: str, api_url: str | None = None) -> dict[str, Any]:
+    """``DaskTaskRunner`` keyword arguments for a ``--cluster`` value.
+
+    ``api_url``: the Prefect API the driver talks to. Local workers get it in their
+    environment, so with Prefect's temporary server they report to the driver's server
+    instead of each starting its own. Remote workers need ``PREFECT_API_URL`` set by hand.
+    """
     match = _LOCAL.match(spec)
     if match:
         workers = int(match.group(1))
@@ -26,9 +31,11 @@ def runner_options(spec: str) -> dict[str, Any]:
             raise PipelineError(f"--cluster {spec}: a local cluster needs at least 1 worker")
         # One thread per worker: torch already uses the worker's cores, and Dask sets
         # OMP_NUM_THREADS=1 in worker processes, so N workers use about N cores.
-        return {"cluster_class": "distributed.LocalCluster",
-                "cluster_kwargs": {"n_workers": workers, "threads_per_worker": 1,
-                                   "processes": True, "dashboard_address": None}}
+        kwargs: dict[str, Any] = {"n_workers": workers, "threads_per_worker": 1,
+                                  "processes": True, "dashboard_address": None}
+        if api_url:
+            kwargs["env"] = {"PREFECT_API_URL": api_url}
+        return {"cluster_class": "distributed.LocalCluster", "cluster_kwargs": kwargs}
     if _ADDRESS.match(spec):
         return {"address": spec}
     raise PipelineError(
@@ -37,9 +44,9 @@ def runner_options(spec: str) -> dict[str, Any]:
     )
 
 
-def dask_task_runner(spec: str) -> Any:
+def dask_task_runner(spec: str, api_url: str | None = None) -> Any:
     """A prefect-dask ``DaskTaskRunner`` for ``spec``; a clear error when it is not installed."""
-    options = runner_options(spec)
+    options = runner_options(spec, api_url)
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:

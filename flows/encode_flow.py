@@ -130,9 +130,13 @@ def encode_flow(
     formats = list(formats or DEFAULT_FORMATS)
     runner = None
     if cluster:
+        from prefect.context import FlowRunContext
+
         from flows.dask_cluster import dask_task_runner
 
-        runner = dask_task_runner(cluster)  # fails now on a bad spec or a missing extra
+        context = FlowRunContext.get()
+        api_url = str(context.client.api_url) if context and context.client else None
+        runner = dask_task_runner(cluster, api_url)  # fails now on a bad spec or extra
     config, _ = checkpoint_config(checkpoint)
     data_cfg = DataConfig.model_validate(data) if data else config.data
     source = cached_source(data_cfg)

@@ -24,6 +24,10 @@ def test_cluster_specs():
     assert local["cluster_class"] == "distributed.LocalCluster"
     assert local["cluster_kwargs"]["n_workers"] == 3
     assert local["cluster_kwargs"]["threads_per_worker"] == 1
+    assert "env" not in local["cluster_kwargs"]
+    # Local workers report to the driver's Prefect API (its temporary server, say).
+    told = runner_options("local:2", "http://127.0.0.1:8123/api/")
+    assert told["cluster_kwargs"]["env"] == {"PREFECT_API_URL": "http://127.0.0.1:8123/api/"}
     assert runner_options("tcp://10.0.0.5:8786") == {"address": "tcp://10.0.0.5:8786"}
     for bad in ("local:0", "local", "10.0.0.5:8786", "local:two"):
         with pytest.raises(PipelineError, match="--cluster"):
