@@ -216,21 +216,29 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--epochs", type=click.IntRange(min=1))
 @click.option("--max-steps", type=click.IntRange(min=1))
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True))
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train with N DDP processes on this machine (torchrun; gloo on CPU, one "
+              "GPU each with NCCL).")
 @QUIET
 @friendly_errors
-def train(config_path: str | None, out: str, quiet: bool, **overrides: Any) -> None:
+def train(config_path: str | None, out: str, quiet: bool, nproc: int,
+          **overrides: Any) -> None:
     """Train the tokenizer; writes OUT/checkpoint and OUT/reconstructions.png."""
     from flows.train_flow import train_flow
 
     config = build_config(config_path, **overrides)
     _check_data(config.data)
     _check_out(out)
-    result = train_flow(config.model_dump(), out, not quiet)
+    result = train_flow(config.model_dump(), out, not quiet, nproc)
     picture = write_reconstructions(Path(result["checkpoint"]), config,
                                     Path(out) / "reconstructions.png")
     v = result["validation"]
     click.echo(f"checkpoint {result['checkpoint']} (weights {result['weights_sha256'][:12]}), "
                f"step {result['step']}")
+    if nproc > 1:
+        agree = len(set(result["rank_weights_sha256"])) == 1
+        click.echo(f"{result['world_size']} processes; identical weights on every rank: "
+                   f"{'yes' if agree else 'NO'}")
     if v:
         click.echo(f"validation: mse {v['mse']:.5f}  psnr {v['psnr']:.2f} dB  "
                    f"usage {v['usage']:.1%}  perplexity {v['perplexity']:.1f}")
@@ -258,22 +266,30 @@ def write_reconstructions(checkpoint: Path, config: Any, path: Path, count: int 
           out_option("runs/encode", "Run folder; tokens go to OUT/tokens."))
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="DataLoader worker processes (for folders of image files).")
+@click.option("--cluster", help="Encode the shards on Dask: local:N (a local cluster of N "
+              "workers) or tcp://HOST:8786 (a running scheduler). Needs vqtok[dask].")
 @QUIET
 @friendly_errors
 def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
            data_root: str | None, device: str | None, batch_size: int | None, fmt: str,
-           shard_size: int, out: str, workers: int, quiet: bool) -> None:
-    """Encode every split of a dataset into sharded token files (re-runs skip done shards)."""
-    from flows.encode_flow import DEFAULT_BATCH_SIZE, encode_flow
+           shard_size: int, out: str, workers: int, cluster: str | None, quiet: bool) -> None:
+    """Encode every split of a dataset into sharded token files (re-runs skip done shards).
+
+    Without --batch-size: 256 on CPU, the largest power of two that fits on a GPU.
+    """
+    from flows.dask_cluster import runner_options
+    from flows.encode_flow import encode_flow
 
     if not checkpoint:
         raise click.UsageError("encode needs --checkpoint (a folder written by 'train')")
+    if cluster:
+        runner_options(cluster)  # a bad --cluster fails before anything starts
     data = _encode_data(checkpoint, dataset, data_root, config_path)
     _check_data(data)
     _check_model(checkpoint, device)
     _check_out(out)
-    result = encode_flow(checkpoint, out, data, FORMATS[fmt], shard_size,
-                         batch_size or DEFAULT_BATCH_SIZE, device or "auto", workers, not quiet)
+    result = encode_flow(checkpoint, out, data, FORMATS[fmt], shard_size, batch_size,
+                         device or "auto", workers, not quiet, cluster)
     click.echo(f"{result['encoded_images']} images encoded ({result['skipped_shards']} of "
                f"{result['shards']} shards already done) at {result['images_per_second']:.0f} "
                f"img/s -> {result['tokens']}")

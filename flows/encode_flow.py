@@ -3,6 +3,13 @@
 Each shard is one task. Its result is cached by (checkpoint hash, dataset fingerprint, shard,
 formats, output folder), and the storage layer's completion records back the cache up, so a
 re-run skips finished shards, redoes unfinished ones, and ends with the same files.
+
+By default the shards run one after another in this process. With ``cluster`` (``local:N`` or
+a Dask scheduler address) they are submitted through prefect-dask's ``DaskTaskRunner`` to
+Dask workers; each worker process loads the model and the dataset once (the per-process
+caches of ``flows.runtime``), on its own GPU when it has one, and writes its shards through
+``ShardedTokenStore``, whose per-shard records need no coordination; the manifest is then
+assembled here, as in a single-process run.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from flows.progress import image_progress
 from flows.retry import retry_on_io_error
 from flows.runtime import RunPaths, cached_model, cached_source, checkpoint_config, token_meta
 from storage import ShardedTokenStore, ShardSpec, TokenMeta
+from tokenizer.accel import Accel, encode_batch_size
 from tokenizer.config import DataConfig
 from tokenizer.encode import encode_ids
 
@@ -43,13 +51,20 @@ def _shard_cache_key(_context: Any, params: dict[str, Any]) -> str:
       result_serializer="json", task_run_name="encode {split}/part-{index:05d}")
 def encode_shard(
     checkpoint: str, data: dict[str, Any], meta: dict[str, Any], out: str, split: str,
-    index: int, shard_size: int, formats: list[str], batch_size: int, device: str,
+    index: int, shard_size: int, formats: list[str], batch_size: int | None, device: str,
     num_workers: int = 0, progress: bool = True,
 ) -> dict[str, Any]:
-    """Encode rows [index * shard_size, ...) of one split and publish the shard atomically."""
+    """Encode rows [index * shard_size, ...) of one split and publish the shard atomically.
+
+    ``batch_size`` None picks one that fits this machine's GPU (256 on CPU).
+    """
     data_cfg = DataConfig.model_validate(data)
     source = cached_source(data_cfg)
-    model = cached_model(checkpoint, device)
+    model = cached_model(checkpoint, device)  # once per process: per Dask worker too
+    accel = Accel.for_device(model.quantizer.codebook.device)
+    if batch_size is None:
+        shape = (source.channels, data_cfg.image_size, data_cfg.image_size)
+        batch_size = encode_batch_size(model, shape, accel, DEFAULT_BATCH_SIZE)
     store = ShardedTokenStore(out, TokenMeta.from_dict(meta), shard_size, formats)
     ids = source.split_ids(split)
     start = index * shard_size
@@ -64,8 +79,7 @@ def encode_shard(
             f"encode {shard}", len(shard_ids), enabled=progress
         ) as advance:
             for codes, batch_ids, labels in encode_ids(model, source, shard_ids, batch_size,
-                                                       model.quantizer.codebook.device,
-                                                       num_workers=num_workers):
+                                                       num_workers=num_workers, accel=accel):
                 writer.write(codes, batch_ids, labels)
                 advance(len(batch_ids))
     except OSError as exc:  # still an OSError (so retried); now it names the shard
@@ -88,6 +102,20 @@ def finalize_store(out: str, meta: dict[str, Any], shard_size: int, formats: lis
         raise located(exc, store.manifest_path) from exc
 
 
+@flow(name="encode-shards-on-dask")
+def encode_shards_on_dask(calls: list[dict[str, Any]], progress: bool = True) -> list[dict]:
+    """Submit every shard at once (run with a ``DaskTaskRunner``) and wait for all of them."""
+    from prefect.futures import as_completed
+
+    futures = [encode_shard.with_options(refresh_cache=call["refresh"]).submit(**call["args"])
+               for call in calls]
+    total = sum(call["rows"] for call in calls)
+    with image_progress("encode (Dask)", total, enabled=progress) as advance:
+        for future in as_completed(futures):
+            advance(future.result()["rows"])
+    return [future.result() for future in futures]
+
+
 @flow(name="encode")
 def encode_flow(
     checkpoint: str,
@@ -95,18 +123,34 @@ def encode_flow(
     data: dict[str, Any] | None = None,
     formats: list[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
     device: str = "auto",
     num_workers: int = 0,
     progress: bool = True,
+    cluster: str | None = None,
 ) -> dict[str, Any]:
-    """Encode every split of the dataset (the checkpoint's own unless ``data`` is given)."""
+    """Encode every split of the dataset (the checkpoint's own unless ``data`` is given).
+
+    ``cluster``: None encodes here, shard after shard; ``local:N`` or ``tcp://HOST:PORT``
+    spreads the shards over Dask workers (``flows.dask_cluster``). ``batch_size`` None fits
+    the batch to each machine's GPU.
+    """
     logger = get_run_logger()
     formats = list(formats or DEFAULT_FORMATS)
+    runner = None
+    if cluster:
+        from prefect.context import FlowRunContext
+
+        from flows.dask_cluster import dask_task_runner
+
+        context = FlowRunContext.get()
+        api_url = str(context.client.api_url) if context and context.client else None
+        runner = dask_task_runner(cluster, api_url)  # fails now on a bad spec or extra
     config, _ = checkpoint_config(checkpoint)
     data_cfg = DataConfig.model_validate(data) if data else config.data
     source = cached_source(data_cfg)
-    model = cached_model(checkpoint, device)
+    # With a cluster the workers encode; here the model is only read for the metadata.
+    model = cached_model(checkpoint, "cpu" if cluster else device)
     meta = token_meta(model, source, data_cfg)
     paths = RunPaths(Path(out))
     store = ShardedTokenStore(paths.root, meta, shard_size, formats)
@@ -118,17 +162,27 @@ def encode_flow(
         store = ShardedTokenStore(paths.root, meta, shard_size, formats)
     splits = {name: len(ids) for name, ids in source.splits.items()}
     started = time.perf_counter()
-    results = []
+    calls = []
     for split, rows in splits.items():
         for shard in store.plan(split, rows):
             # A cache hit is only trusted while the shard's files are really there.
             done = store.is_complete(shard)
-            run = encode_shard.with_options(refresh_cache=not done)
-            result = run(
-                str(checkpoint), data_cfg.model_dump(), meta.to_dict(), str(paths.root), split,
-                shard.index, shard_size, formats, batch_size, device, num_workers, progress,
-            )
-            results.append({**result, "skipped": done or result["skipped"]})
+            args = dict(checkpoint=str(checkpoint), data=data_cfg.model_dump(),
+                        meta=meta.to_dict(), out=str(paths.root), split=split,
+                        index=shard.index, shard_size=shard_size, formats=formats,
+                        batch_size=batch_size, device=device, num_workers=num_workers,
+                        progress=progress and not cluster)
+            calls.append({"done": done, "refresh": not done, "rows": shard.num_rows,
+                          "args": args})
+    if runner is not None:
+        logger.info(f"encoding {len(calls)} shards on Dask cluster {cluster}")
+        outcomes = encode_shards_on_dask.with_options(task_runner=runner)(
+            [{k: c[k] for k in ("refresh", "rows", "args")} for c in calls], progress)
+    else:
+        outcomes = [encode_shard.with_options(refresh_cache=c["refresh"])(**c["args"])
+                    for c in calls]
+    results = [{**result, "skipped": call["done"] or result["skipped"]}
+               for call, result in zip(calls, outcomes, strict=True)]
     manifest = finalize_store(str(paths.root), meta.to_dict(), shard_size, formats, splits)
     seconds = time.perf_counter() - started
     encoded = sum(r["rows"] for r in results if not r["skipped"])

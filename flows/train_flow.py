@@ -9,11 +9,21 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from tokenizer.config import parse_config
+from tokenizer.launch import train_distributed
 from tokenizer.train import train
 
 
 @task(name="train-tokenizer")
-def train_task(config: dict[str, Any], out: str, progress: bool = True) -> dict[str, Any]:
+def train_task(config: dict[str, Any], out: str, progress: bool = True,
+               nproc: int = 1) -> dict[str, Any]:
+    """One process trains in this task; with ``nproc`` > 1 the task runs torchrun and waits
+    (the worker processes run plain ``tokenizer`` code, no Prefect)."""
+    if nproc > 1:
+        summary = train_distributed(parse_config(config), out, nproc, progress=progress)
+        keys = ("checkpoint", "weights_sha256", "step", "epochs_done", "seconds",
+                "images_per_second", "resumed_from_step", "validation", "world_size",
+                "rank_weights_sha256")
+        return {key: summary[key] for key in keys}
     logger = get_run_logger()
     result = train(parse_config(config), out, progress=progress, log=logger.info)
     return {
@@ -29,9 +39,13 @@ def train_task(config: dict[str, Any], out: str, progress: bool = True) -> dict[
 
 
 @flow(name="train")
-def train_flow(config: dict[str, Any], out: str, progress: bool = True) -> dict[str, Any]:
-    """Train into ``out/checkpoint``; ``config`` is a full config as a dict (JSON-able)."""
-    result = train_task(config, str(Path(out)), progress)
+def train_flow(config: dict[str, Any], out: str, progress: bool = True,
+               nproc: int = 1) -> dict[str, Any]:
+    """Train into ``out/checkpoint``; ``config`` is a full config as a dict (JSON-able).
+
+    ``nproc`` > 1 trains with that many DDP processes on this machine (torchrun).
+    """
+    result = train_task(config, str(Path(out)), progress, nproc)
     v = result["validation"]
     if v:
         create_markdown_artifact(

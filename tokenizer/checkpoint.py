@@ -50,6 +50,11 @@ def _state_dict(model: VQVAE) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
+def model_weights_hash(model: VQVAE) -> str:
+    """The hash ``save_checkpoint`` would record for this model's current weights."""
+    return weights_hash(_state_dict(model))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import math
 import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import functional as TF
 
 from .config import DataConfig
 
 ASSETS = Path(__file__).parent / "assets"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+T = TypeVar("T")
 DEFAULT_DATA_ROOT = Path(os.environ.get("VQTOK_DATA", "~/.cache/vqtok/data")).expanduser()
 
 
@@ -76,27 +78,101 @@ class ImageSource(Dataset):
 class _Batches(Dataset):
     """One item per batch of ids, so DataLoader workers can assemble whole batches."""
 
-    def __init__(self, source: ImageSource, ids: np.ndarray, batch_size: int) -> None:
-        self.source, self.ids, self.batch_size = source, ids, batch_size
+    def __init__(self, source: ImageSource, batches: Sequence[np.ndarray]) -> None:
+        self.source, self.batches = source, batches
 
     def __len__(self) -> int:
-        return math.ceil(len(self.ids) / self.batch_size)
+        return len(self.batches)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.source.load_batch(self.ids[i * self.batch_size : (i + 1) * self.batch_size])
+        return self.source.load_batch(self.batches[i])
+
+
+def split_batches(ids: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
 
 
 def iterate_batches(
-    source: ImageSource, ids: np.ndarray, batch_size: int, num_workers: int = 0, pin: bool = False
+    source: ImageSource, ids: np.ndarray, batch_size: int, num_workers: int = 0,
+    pin: bool = False, prefetch: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches in the order of ``ids``; workers only when they pay off."""
-    batches = _Batches(source, ids, batch_size)
-    if num_workers == 0 and not pin:
-        for i in range(len(batches)):
-            yield batches[i]
+    """(images, labels) batches in the order of ``ids``; see ``iterate_id_batches``."""
+    yield from iterate_id_batches(source, split_batches(ids, batch_size), num_workers, pin,
+                                  prefetch)
+
+
+def iterate_id_batches(
+    source: ImageSource, batches: Sequence[np.ndarray], num_workers: int = 0,
+    pin: bool = False, prefetch: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) for each array of ids, in order.
+
+    ``num_workers`` > 0 loads in DataLoader worker processes (for decoding image files);
+    otherwise ``prefetch`` > 0 loads up to that many batches ahead in a background thread, so
+    loading overlaps compute (tensor indexing releases the GIL). ``pin`` puts batches in
+    page-locked memory for non-blocking copies to a GPU.
+    """
+    dataset = _Batches(source, batches)
+    if num_workers > 0 or (pin and prefetch == 0):
+        loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
+                            prefetch_factor=max(prefetch, 2) if num_workers else None)
+        yield from loader
         return
-    loader = DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin)
-    yield from loader
+    items = (_pinned(dataset[i]) if pin else dataset[i] for i in range(len(dataset)))
+    if prefetch > 0:
+        yield from prefetched(items, prefetch)
+    else:
+        yield from items
+
+
+def _pinned(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch[0].pin_memory(), batch[1].pin_memory()
+
+
+_DONE = object()
+
+
+def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items``, produced up to ``depth`` ahead by a background thread.
+
+    Errors in the producer are raised here, at the item where they happened; closing the
+    generator early stops the producer within a fraction of a second.
+    """
+    box: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[object, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put((_DONE, exc))
+            return
+        put((_DONE, None))
+
+    worker = threading.Thread(target=produce, name="vqtok-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = box.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        worker.join()
 
 
 class ArraySource(ImageSource):
@@ -132,6 +208,8 @@ def _conform(images: torch.Tensor, cfg: DataConfig, where: str) -> torch.Tensor:
             f"{where}: images are {h}x{w} but the config wants {cfg.image_size}x{cfg.image_size}"
             " and data.resize is 'error'; set data.resize: resize or data.image_size"
         )
+    from torchvision.transforms.v2 import functional as TF  # slow to import; rarely needed
+
     out = []
     for start in range(0, images.shape[0], 4096):
         part = TF.resize(images[start : start + 4096], cfg.image_size, antialias=True)
@@ -150,6 +228,8 @@ def _match_channels(images: torch.Tensor, channels: int, where: str) -> torch.Te
     if have == 1 and channels == 3:
         return images.expand(-1, 3, -1, -1)
     if have == 3 and channels == 1:
+        from torchvision.transforms.v2 import functional as TF
+
         return TF.rgb_to_grayscale(images)
     raise DataError(f"{where}: images have {have} channels and the config wants {channels}")
 

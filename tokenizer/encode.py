@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from .accel import Accel
 from .data import ImageSource, iterate_batches
 from .model import VQVAE
 
@@ -19,11 +20,13 @@ def encode_ids(
     device: torch.device | str = "cpu",
     amp: bool = True,
     num_workers: int = 0,
+    accel: Accel | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield ``(codes (B, h, w) int64, ids (B,), labels (B,))`` in the order of ``ids``.
 
-    On CUDA, batches come through pinned memory with non-blocking copies and the convolutions
-    run under bf16 autocast (nearest-code distances stay fp32). On CPU everything is fp32.
+    ``accel`` defaults to ``Accel.for_device(device, amp)``: on CUDA, channels_last, bf16
+    autocast for the convolutions (nearest-code distances stay fp32), pinned batches loaded
+    ahead in a background thread and copied without blocking. On CPU everything is fp32.
 
     A batch of one image is encoded as two copies of it: PyTorch's CPU convolutions take
     another kernel for a single image, whose rounding flipped 20 of 490,000 codes (near ties)
@@ -31,17 +34,17 @@ def encode_ids(
     (benchmarks/determinism.py). So codes do not depend on the batch size, nor on where a
     shard's last, possibly single-image, batch falls.
     """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    model = model.to(device).eval()
+    accel = accel or Accel.for_device(device, amp)
+    model = accel.prepare(model).eval()
     start = 0
     with torch.inference_mode():
-        for images, labels in iterate_batches(source, ids, batch_size, num_workers, pin=cuda):
-            images = images.to(device, non_blocking=cuda)
+        for images, labels in iterate_batches(source, ids, batch_size, num_workers,
+                                              pin=accel.pin_memory, prefetch=accel.prefetch):
+            images = accel.to_device(images)
             single = len(images) == 1
             if single:
                 images = torch.cat([images, images])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and cuda):
+            with accel.autocast():
                 codes = model.encode(images)
             if single:
                 codes, images = codes[:1], images[:1]

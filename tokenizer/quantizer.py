@@ -9,12 +9,19 @@ embedding width D. For the lecture's toy example (D = 2) the per-vector sums of 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as dist
+
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+#: On CPU a distance block of about this size stays in cache between the GEMM and the argmin.
+CPU_BLOCK_BYTES = 4 * 2**20
+#: ...but never fewer rows than this, or re-packing the codebook for each GEMM dominates.
+CPU_MIN_BLOCK_ROWS = 64
 
 
 @dataclass
@@ -26,14 +33,29 @@ class QuantizerOutput:
     commitment_loss: torch.Tensor
 
 
+def _block_shape(n: int, k: int, chunk_bytes: int, device: torch.device) -> tuple[int, int]:
+    """(rows, codes) per distance block: never over ``chunk_bytes``; on CPU also cache-sized.
+
+    A CPU block that stays in cache is written by the GEMM and read by the argmin without a
+    trip to memory, which roughly halves the search time against one big block; on a GPU
+    big blocks mean few kernel launches, so the whole budget is used.
+    """
+    code_chunk = max(1, min(k, chunk_bytes // 4))
+    row_chunk = max(1, chunk_bytes // (4 * code_chunk))
+    if device.type == "cpu":
+        cached = max(CPU_MIN_BLOCK_ROWS, CPU_BLOCK_BYTES // (4 * code_chunk))
+        row_chunk = min(row_chunk, cached)
+    return min(row_chunk, max(n, 1)), code_chunk
+
+
 def nearest_code(
     vectors: torch.Tensor, codebook: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> torch.Tensor:
     """Index of the nearest code (squared L2) for each row of ``vectors`` (N, D).
 
     ||z||^2 is the same for every code of a row, so the ranking needs only
-    ||e||^2 - 2 z.e, one GEMM per chunk. Chunking over rows (and over codes when one row of
-    distances would not fit) keeps the extra memory near ``chunk_bytes`` whatever N and K.
+    ||e||^2 - 2 z.e, one GEMM per block. Blocking over rows (and over codes when one row of
+    distances would not fit) keeps the extra memory at most ``chunk_bytes`` whatever N and K.
     Distances are computed in float32 even under autocast: half precision ties codes.
     """
     with torch.autocast(device_type=vectors.device.type, enabled=False):
@@ -41,14 +63,13 @@ def nearest_code(
         codes = codebook.detach().float()
         n, k = z.shape[0], codes.shape[0]
         code_sq = (codes * codes).sum(dim=1)
-        code_chunk = max(1, min(k, chunk_bytes // 4))
-        row_chunk = max(1, chunk_bytes // (4 * code_chunk))
+        row_chunk, code_chunk = _block_shape(n, k, chunk_bytes, z.device)
         indices = torch.empty(n, dtype=torch.long, device=z.device)
         for r0 in range(0, n, row_chunk):
             rows = z[r0 : r0 + row_chunk]
             if code_chunk == k:
                 dist = torch.addmm(code_sq, rows, codes.t(), beta=1.0, alpha=-2.0)
-                indices[r0 : r0 + row_chunk] = dist.argmin(dim=1)
+                torch.argmin(dist, dim=1, out=indices[r0 : r0 + row_chunk])
                 continue
             best = torch.full((rows.shape[0],), float("inf"), device=z.device)
             best_idx = torch.zeros(rows.shape[0], dtype=torch.long, device=z.device)
@@ -61,6 +82,79 @@ def nearest_code(
                 best_idx = torch.where(better, idx + c0, best_idx)
             indices[r0 : r0 + row_chunk] = best_idx
     return indices
+
+
+def _layout(z: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``z`` is stored that way (the GPU path), else the default layout."""
+    if not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _gather_like(codebook: torch.Tensor, indices: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``codebook[indices]`` as a (B, D, H, W) tensor stored like ``z``, in one gather.
+
+    For channels_last ``z`` the rows of an embedding gather are already in place. For the
+    default layout, gathering columns of the transposed codebook gives (D, B, H*W), and
+    reordering whole H*W runs is far cheaper than transposing (N, D) element by element.
+    """
+    b, d, h, w = z.shape
+    if _layout(z) == torch.channels_last:
+        return codebook.index_select(0, indices).view(b, h, w, d).permute(0, 3, 1, 2)
+    columns = codebook.t().contiguous().index_select(1, indices)  # (D, N)
+    return columns.view(d, b, h * w).transpose(0, 1).contiguous().view(b, d, h, w)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Codes for ``indices``, straight through to ``z``, and the squared-error losses, fused.
+
+    Returns ``q = codebook[indices]`` laid out like ``z`` (the value of the straight-through
+    estimator ``z + sg(q - z)``; its gradient goes to ``z`` unchanged) and ``mean((q - z)^2)``
+    twice: as the commitment loss, whose gradient goes to ``z`` only, and as the codebook
+    loss, whose gradient goes to the codebook rows ``indices`` only, as through an embedding
+    gather. The maths of ``F.mse_loss`` and ``F.embedding`` under autograd, with one
+    difference tensor for both terms, no element-wise transposes, and the losses in float32
+    at least. ``flat`` is ``z`` as (N, D) rows, already made for the nearest-code search.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, z: torch.Tensor, flat: torch.Tensor, codebook: torch.Tensor,
+        indices: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            codes = codebook.detach()
+            out = _gather_like(codes, indices, z).to(z.dtype)
+            wide = out.element_size() < 4  # fp16/bf16: the losses in fp32
+            diff = out.float() - z.detach().float() if wide else out - z.detach()
+            per_element = diff.permute(0, 2, 3, 1) if _layout(z) == torch.channels_last else diff
+            per_element = per_element.reshape(-1)
+            loss = torch.dot(per_element, per_element) / per_element.numel()
+            code_sums = None
+            if ctx.needs_input_grad[2]:
+                # sum over the vectors assigned to each code of (q - z), for the codebook grad
+                rows = codes.index_select(0, indices).to(diff.dtype)
+                code_sums = torch.zeros(codes.shape, dtype=diff.dtype, device=diff.device)
+                code_sums.index_add_(0, indices, rows.sub_(flat.to(diff.dtype)))
+        ctx.save_for_backward(diff, code_sums)
+        ctx.z_dtype = z.dtype
+        return out, loss, loss.clone()
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_out: torch.Tensor, grad_commitment: torch.Tensor,
+        grad_codebook: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
+        diff, code_sums = ctx.saved_tensors
+        grad_z = grad_rows = None
+        if ctx.needs_input_grad[0]:
+            # d/dz mean((z - q)^2) = 2 (z - q) / n = -2 diff / n
+            scale = grad_commitment.to(diff.dtype) * (-2.0 / diff.numel())
+            grad_z = torch.addcmul(grad_out.to(diff.dtype), diff, scale).to(ctx.z_dtype)
+        if ctx.needs_input_grad[2]:
+            # d/de_k mean((q - z)^2) = 2 sum_{i -> k} (e_k - z_i) / n
+            grad_rows = code_sums * (grad_codebook.to(diff.dtype) * (2.0 / diff.numel()))
+        return grad_z, None, grad_rows, None
 
 
 def squared_distances(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -162,28 +256,19 @@ class VectorQuantizer(nn.Module):
         b, d, h, w = z.shape
         if d != self.embedding_dim:
             raise ValueError(f"expected {self.embedding_dim} channels, got {d}")
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, d)  # a view for channels_last z
         learning = self.training and torch.is_grad_enabled()
         if learning and not bool(self.initialized):
-            self._kmeans_init(flat.detach().float())
+            self._kmeans_init(flat.float())
         indices = nearest_code(flat, self.embedding, self.chunk_bytes)
         if learning:
-            counts = torch.bincount(indices, minlength=self.num_embeddings)
-            self.usage_counts += counts
-            if self.ema:
-                self._ema_update(flat.detach().float(), indices, counts)
-            self._restart_dead_codes(flat.detach(), counts)
+            self._learn(flat.float(), indices)
 
-        quantized = F.embedding(indices, self.embedding).view(b, h, w, d).permute(0, 3, 1, 2)
-        quantized = quantized.to(z.dtype)
-        commitment = F.mse_loss(z, quantized.detach())
-        if self.ema:
+        out, commitment, codebook_loss = _StraightThrough.apply(z, flat, self.embedding, indices)
+        if self.ema:  # the codebook follows the EMA, not a loss
             codebook_loss = torch.zeros((), device=z.device, dtype=commitment.dtype)
-        else:
-            codebook_loss = F.mse_loss(quantized, z.detach())
-        straight_through = z + (quantized - z).detach()
         return QuantizerOutput(
-            quantized=straight_through,
+            quantized=out,
             indices=indices.view(b, h, w),
             loss=codebook_loss + self.beta * commitment,
             codebook_loss=codebook_loss,
@@ -191,8 +276,22 @@ class VectorQuantizer(nn.Module):
         )
 
     @torch.no_grad()
+    def _learn(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+        """Usage counts, EMA and restarts from this step's assignments, summed over all ranks
+        under DDP so every rank's codebook stays identical."""
+        counts = torch.bincount(indices, minlength=self.num_embeddings)
+        dist.all_reduce_sum_(counts)
+        self.usage_counts += counts
+        if self.ema:
+            sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)
+            self._ema_update(dist.all_reduce_sum_(sums), counts)
+        self._restart_dead_codes(flat, counts)
+
+    @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor) -> None:
+        """k-means on this batch; under DDP rank 0's centres go to every rank."""
         centres = kmeans(flat, self.num_embeddings, self.kmeans_iters, self.generator)
+        dist.broadcast_(centres)
         self.embedding.data.copy_(centres)
         if self.ema:
             self.ema_sum.copy_(centres)
@@ -200,9 +299,8 @@ class VectorQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> None:
+    def _ema_update(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
         """N <- g N + (1-g) n;  m <- g m + (1-g) sum z;  e = m / N~ (Laplace-smoothed N)."""
-        sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)
         self.ema_count.mul_(self.decay).add_(counts.float(), alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.ema_count.sum()
@@ -211,7 +309,8 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
-        """Re-seed codes unused for ``restart_after`` steps with random current encoder outputs."""
+        """Re-seed codes unused for ``restart_after`` steps with random current encoder outputs
+        (under DDP: rank 0's picks, broadcast)."""
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         if self.restart_after <= 0:
             return
@@ -219,7 +318,7 @@ class VectorQuantizer(nn.Module):
         if dead.numel() == 0:
             return
         pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=self.generator)
-        fresh = flat[pick.to(flat.device)].to(self.embedding.dtype)
+        fresh = dist.broadcast_(flat[pick.to(flat.device)].to(self.embedding.dtype).contiguous())
         self.embedding.data[dead] = fresh
         if self.ema:
             self.ema_sum[dead] = fresh

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed as dist
+from .accel import Accel
 from .checkpoint import (
     STATE,
     STATE_META,
@@ -25,12 +27,13 @@ from .checkpoint import (
     build_model,
     load_tensors,
     load_tokenizer,
+    model_weights_hash,
     read_checkpoint_meta,
     recover_checkpoint,
     save_checkpoint,
 )
 from .config import Config, ConfigError, parse_config
-from .data import ImageSource, iterate_batches, open_source
+from .data import ImageSource, iterate_batches, iterate_id_batches, open_source, split_batches
 from .model import VQVAE
 from .stats import code_histogram, psnr, usage_summary
 
@@ -67,31 +70,45 @@ def resolve_device(name: str) -> torch.device:
         raise TrainingError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
 
 
-def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """bf16 autocast for the convolutions on CUDA; the quantizer's distances stay fp32."""
-    on = enabled and device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+def _rank_device(device: torch.device) -> torch.device:
+    """Under DDP, plain ``cuda`` means this rank's GPU (set by ``distributed.init_from_env``)."""
+    if device.type == "cuda" and device.index is None and dist.is_distributed():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 @torch.no_grad()
 def evaluate(
     model: VQVAE, source: ImageSource, ids: np.ndarray, batch_size: int, device: torch.device,
-    amp: bool = False,
+    amp: bool = False, accel: Accel | None = None,
 ) -> dict[str, float]:
-    """MSE and PSNR (from the mean MSE) and codebook usage over the given images."""
+    """MSE and PSNR (from the mean MSE) and codebook usage over the given images.
+
+    Under DDP each rank takes every world-size-th image, none twice, and the sums are added
+    over ranks: the figures count each image exactly once, as in one process.
+    """
+    accel = accel or Accel.for_device(device, amp)
     was_training = model.training
     model.eval()
     sq_err, pixels = 0.0, 0
     counts = np.zeros(model.num_embeddings, dtype=np.int64)
-    for images, _ in iterate_batches(source, ids, batch_size):
-        images = images.to(device)
-        with _autocast(device, amp):
+    mine = dist.shard_eval(ids, dist.rank(), dist.world_size())
+    for images, _ in iterate_batches(source, mine, batch_size, pin=accel.pin_memory,
+                                     prefetch=accel.prefetch):
+        images = accel.to_device(images)
+        with accel.autocast():
             codes = model.encode(images)
             recon = model.decode(codes)
         sq_err += float(((recon.float() - images) ** 2).sum())
         pixels += images.numel()
         counts += code_histogram(codes, model.num_embeddings)
     model.train(was_training)
+    if dist.is_distributed():
+        where = model.quantizer.codebook.device
+        sums = dist.all_reduce_sum_(torch.tensor([sq_err, float(pixels)], dtype=torch.float64,
+                                                 device=where))
+        sq_err, pixels = float(sums[0]), int(sums[1])
+        counts = dist.all_reduce_sum_(torch.from_numpy(counts).to(where)).cpu().numpy()
     mse = sq_err / max(pixels, 1)
     usage = usage_summary(counts)
     return {
@@ -233,6 +250,19 @@ def _progress(enabled: bool):  # noqa: ANN202 - rich types stay internal
     )
 
 
+def _silent(_message: str) -> None:
+    pass
+
+
+def _global_mean(value: torch.Tensor) -> float:
+    """The loss averaged over ranks: every rank sees the same number, so a NaN on one rank
+    stops all of them at the same step instead of leaving the others waiting."""
+    if not dist.is_distributed():
+        return float(value)
+    total = dist.all_reduce_sum_(value.detach().float().reshape(1).clone())
+    return float(total) / dist.world_size()
+
+
 def train(
     config: Config,
     out_dir: str | Path,
@@ -240,11 +270,23 @@ def train(
     source: ImageSource | None = None,
     progress: bool = True,
     log: Logger = print,
+    accel: Accel | None = None,
 ) -> TrainResult:
-    """Train into ``out_dir/checkpoint``; re-running on the same ``out_dir`` resumes."""
+    """Train into ``out_dir/checkpoint``; re-running on the same ``out_dir`` resumes.
+
+    Under torchrun (a process group is up: see ``tokenizer.train_main``) each step's global
+    batch of ``train.batch_size`` images is split over the ranks, gradients are averaged by
+    DDP, the codebook statistics are summed by the quantizer, and rank 0 alone logs and
+    writes checkpoints. ``accel`` overrides the device defaults of ``Accel.for_device``.
+    """
     out_dir = Path(out_dir)
     checkpoint = out_dir / "checkpoint"
-    device = resolve_device(config.train.device)
+    rank, world = dist.rank(), dist.world_size()
+    main = rank == 0
+    if not main:
+        progress, log = False, _silent
+    device = _rank_device(resolve_device(config.train.device))
+    accel = accel or Accel.for_device(device, config.train.amp)
     source = source or open_source(config.data)
     factor = 2**config.model.num_downsamples
     if config.data.image_size % factor:
@@ -262,7 +304,7 @@ def train(
         raise TrainingError(f"split '{config.data.train_split}' of {source.name} is empty")
 
     torch.manual_seed(config.seed)
-    model = build_model(config, source.channels).to(device)
+    model = accel.prepare(build_model(config, source.channels))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=config.train.lr)
     steps_per_epoch = math.ceil(len(train_ids) / config.train.batch_size)
@@ -295,10 +337,19 @@ def train(
     if step >= total_steps:
         log(f"nothing to do: {checkpoint} is already at step {step} of {total_steps}")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    net: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers (the EMA codebook, usage counts) are kept equal by the quantizer's own
+        # all-reduces; re-broadcasting them from rank 0 every step would only cost time.
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    scaler = accel.grad_scaler()
     digest = ""
-    amp = config.train.amp and device.type == "cuda"
-    pin = device.type == "cuda"
     every = config.train.checkpoint_every
     model.train()
     started = time.perf_counter()
@@ -310,15 +361,19 @@ def train(
         _check_finite(model, step, checkpoint, saved_step)
         prog = {"step": step, "epochs_done": step // steps_per_epoch, "total_steps": total_steps,
                 "validation": last_val}
-        state = _train_state(model, optimizer, step, history, (epoch_loss, epoch_batches))
-        digest = save_checkpoint(checkpoint, model, config, prog, state)
+        saved = ""
+        if main:
+            state = _train_state(model, optimizer, step, history, (epoch_loss, epoch_batches))
+            saved = save_checkpoint(checkpoint, model, config, prog, state)
         saved_step = step
-        return digest
+        dist.barrier()  # no rank runs ahead of a checkpoint still being written
+        return saved
 
     def validate() -> dict[str, float]:
         if len(val_ids) == 0:
             return {}
-        return evaluate(model, source, val_ids, config.train.eval_batch_size, device, amp)
+        return evaluate(model, source, val_ids, config.train.eval_batch_size, device,
+                        accel=accel)
 
     if len(val_ids) == 0:
         log(f"split '{val_split}' of {source.name} is empty; training without validation")
@@ -330,23 +385,29 @@ def train(
             shuffle = torch.Generator().manual_seed(config.seed * 7919 + epoch)
             order = torch.randperm(len(train_ids), generator=shuffle)
             ids = train_ids[order.numpy()][offset * config.train.batch_size :]
-            for images, _ in iterate_batches(source, ids, config.train.batch_size,
-                                             config.train.num_workers, pin):
-                images = images.to(device, non_blocking=True)
-                with _autocast(device, amp):
-                    out = model(images)
+            global_batches = split_batches(ids, config.train.batch_size)
+            shares = [dist.shard_batch(batch, rank, world) for batch in global_batches]
+            for (images, _), batch in zip(
+                iterate_id_batches(source, shares, config.train.num_workers,
+                                   accel.pin_memory, accel.prefetch),
+                global_batches, strict=False,
+            ):
+                images = accel.to_device(images)
+                with accel.autocast():
+                    out = net(images)
                 loss = out.loss
-                loss_value = float(loss.detach())
+                loss_value = _global_mean(loss.detach())
                 if not math.isfinite(loss_value):
                     raise TrainingError(
                         f"loss became {loss_value} at step {step + 1}; stopped, "
                         f"{_kept(checkpoint, saved_step)}; lower train.lr or check the data"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
-                images_seen += images.shape[0]
+                images_seen += len(batch)
                 epoch_loss += loss_value
                 epoch_batches += 1
                 rate = images_seen / max(time.perf_counter() - started, 1e-9)
@@ -372,6 +433,8 @@ def train(
             digest = save()
 
     seconds = time.perf_counter() - started
+    if not main:  # this rank's own weights: equal to rank 0's when the ranks agree
+        digest = model_weights_hash(model)
     if not digest:  # nothing trained in this call: report what is on disk
         digest = read_checkpoint_meta(checkpoint)["weights_sha256"]
     return TrainResult(
