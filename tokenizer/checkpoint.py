@@ -156,6 +156,36 @@ def write_checkpoint_dir(
     return digest
 
 
+def optimizer_and_rng_state(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The optimizer's slots and the RNG states as flat tensors (safetensors can hold them),
+    plus its param groups (JSON); ``restore_optimizer_and_rng`` undoes it."""
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    for index, slots in opt["state"].items():
+        for key, value in slots.items():
+            tensors[f"opt.{index}.{key}"] = torch.as_tensor(value)
+    return tensors, opt["param_groups"]
+
+
+def restore_optimizer_and_rng(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+    param_groups: list[dict[str, Any]],
+) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint directory, a training output directory, or a file inside one."""
     path = Path(path)

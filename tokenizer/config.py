@@ -68,16 +68,20 @@ class Config(_Strict):
 
     def with_overrides(self, **dotted: Any) -> Config:
         """Copy with ``{"train.epochs": 3}``-style overrides, validated like the file."""
-        raw = self.model_dump()
-        for key, value in dotted.items():
-            if value is None:
-                continue
-            node = raw
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
-        return parse_config(raw, source="overrides")
+        return parse_config(apply_overrides(self.model_dump(), dotted), source="overrides")
+
+
+def apply_overrides(raw: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    """Set ``{"train.epochs": 3}``-style keys in a nested dict; ``None`` values are skipped."""
+    for key, value in dotted.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return raw
 
 
 class ConfigError(ValueError):

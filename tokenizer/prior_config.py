@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from .config import ConfigError, _describe, _Strict
+from .config import ConfigError, _describe, _Strict, apply_overrides
 
 
 class PriorShape(_Strict):
@@ -55,16 +55,7 @@ class PriorConfig(_Strict):
 
     def with_overrides(self, **dotted: Any) -> PriorConfig:
         """Copy with ``{"train.steps": 300}``-style overrides (``None`` values are skipped)."""
-        raw = self.model_dump()
-        for key, value in dotted.items():
-            if value is None:
-                continue
-            node = raw
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
-        return parse_prior_config(raw, source="overrides")
+        return parse_prior_config(apply_overrides(self.model_dump(), dotted), source="overrides")
 
 
 def parse_prior_config(raw: dict[str, Any] | None, source: str = "prior config") -> PriorConfig:

@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import STATE, STATE_META, load_tensors
+from .checkpoint import (
+    STATE,
+    STATE_META,
+    load_tensors,
+    optimizer_and_rng_state,
+    restore_optimizer_and_rng,
+)
 from .prior import TokenPrior
 from .prior_checkpoint import load_prior, read_prior_meta, save_prior
 from .prior_config import PriorConfig, PriorShape
@@ -135,14 +141,8 @@ def make_optimizer(model: TokenPrior, config: PriorConfig) -> torch.optim.AdamW:
 
 def _train_state(optimizer: torch.optim.Optimizer, step: int, history: list[dict[str, Any]]
                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    opt = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    for index, slots in opt["state"].items():
-        for key, value in slots.items():
-            tensors[f"opt.{index}.{key}"] = torch.as_tensor(value)
-    return tensors, {"step": step, "param_groups": opt["param_groups"], "history": history}
+    tensors, param_groups = optimizer_and_rng_state(optimizer)
+    return tensors, {"step": step, "param_groups": param_groups, "history": history}
 
 
 def _restore_state(directory: Path, model: TokenPrior, optimizer: torch.optim.Optimizer
@@ -150,15 +150,7 @@ def _restore_state(directory: Path, model: TokenPrior, optimizer: torch.optim.Op
     model.load_state_dict(load_prior(directory).state_dict())  # verifies the weights' hash
     tensors = load_tensors(directory / STATE)
     info = json.loads((directory / STATE_META).read_text())
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("opt."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    restore_optimizer_and_rng(optimizer, tensors, info["param_groups"])
     return int(info["step"]), list(info.get("history", []))
 
 

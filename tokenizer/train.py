@@ -28,8 +28,10 @@ from .checkpoint import (
     load_tensors,
     load_tokenizer,
     model_weights_hash,
+    optimizer_and_rng_state,
     read_checkpoint_meta,
     recover_checkpoint,
+    restore_optimizer_and_rng,
     save_checkpoint,
 )
 from .config import Config, ConfigError, parse_config
@@ -129,15 +131,9 @@ def _train_state(
     partial: tuple[float, int] = (0.0, 0),
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Everything a resumed run needs; ``partial`` is the running loss of an unfinished epoch."""
-    opt = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state(),
-                                        "rng.quantizer": model.quantizer.generator.get_state()}
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    for index, slots in opt["state"].items():
-        for key, value in slots.items():
-            tensors[f"opt.{index}.{key}"] = torch.as_tensor(value)
-    info = {"step": step, "param_groups": opt["param_groups"], "history": history,
+    tensors, param_groups = optimizer_and_rng_state(optimizer)
+    tensors["rng.quantizer"] = model.quantizer.generator.get_state()
+    info = {"step": step, "param_groups": param_groups, "history": history,
             "epoch_loss": partial[0], "epoch_batches": partial[1]}
     return tensors, info
 
@@ -162,13 +158,7 @@ def _restore_state(
     tensors = load_tensors(directory / STATE)
     try:
         info = json.loads((directory / STATE_META).read_text())
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for name, value in tensors.items():
-            if name.startswith("opt."):
-                _, index, key = name.split(".", 2)
-                state.setdefault(int(index), {})[key] = value
-        optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-        torch.set_rng_state(tensors["rng.cpu"])
+        restore_optimizer_and_rng(optimizer, tensors, info["param_groups"])
         model.quantizer.generator.set_state(tensors["rng.quantizer"])
         resumed = _Resumed(int(info["step"]), list(info.get("history", [])),
                            (float(info.get("epoch_loss", 0.0)), int(info.get("epoch_batches", 0))))
@@ -178,8 +168,6 @@ def _restore_state(
             f"{directory}: training state unusable ({type(exc).__name__}: {detail}); delete "
             f"{directory} to start over, or train into a new --out"
         ) from None
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return resumed
 
 
