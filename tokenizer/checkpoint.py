@@ -240,6 +240,17 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VQVA
     except (ConfigError, KeyError) as exc:
         raise CheckpointError(f"{directory / META}: bad config ({exc})") from None
     model = build_model(config, int(meta.get("in_channels", config.data.channels)))
+    digest = load_verified_weights(model, directory, meta, "the architecture")
+    model.checkpoint_hash = digest
+    return model.to(device).eval()
+
+
+def load_verified_weights(
+    model: torch.nn.Module, directory: Path, meta: dict[str, Any], described: str
+) -> str:
+    """Load ``directory``'s weights into ``model`` after checking their content hash against
+    ``meta`` and that they are finite; returns the hash. Each failure is one CheckpointError
+    naming the file."""
     state = load_tensors(directory / WEIGHTS)
     digest = weights_hash(state)
     if digest != meta.get("weights_sha256"):
@@ -253,7 +264,7 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VQVA
         first = str(exc).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
         raise CheckpointError(
-            f"{directory / WEIGHTS}: weights do not fit the architecture in {META} ({detail})"
+            f"{directory / WEIGHTS}: weights do not fit {described} in {META} ({detail})"
         ) from None
     bad = [name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
@@ -261,8 +272,7 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VQVA
             f"{directory / WEIGHTS}: weights hold NaN or Inf (in {bad[0]}); this checkpoint "
             "cannot encode anything, use an earlier one"
         )
-    model.checkpoint_hash = digest
-    return model.to(device).eval()
+    return digest
 
 
 def build_model(config: Config, in_channels: int | None = None) -> VQVAE:

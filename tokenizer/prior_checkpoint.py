@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import META, WEIGHTS, CheckpointError, load_tensors, weights_hash
+from .checkpoint import META, CheckpointError, load_verified_weights
 from .checkpoint import write_checkpoint_dir as _write
 from .config import ConfigError
 from .prior import TokenPrior
@@ -85,22 +85,8 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu") -> TokenPri
         shape = PriorShape.model_validate(meta["shape"])
     except (ConfigError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{directory / META}: bad prior description ({exc})") from None
-    state = load_tensors(directory / WEIGHTS)
-    digest = weights_hash(state)
-    if digest != meta.get("weights_sha256"):
-        raise CheckpointError(
-            f"{directory / WEIGHTS}: content hash does not match {META}; the checkpoint is "
-            "corrupt or its files come from different runs"
-        )
     model = TokenPrior(shape, config.model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        lines = str(exc).strip().splitlines()
-        detail = lines[1].strip() if len(lines) > 1 else lines[0]
-        raise CheckpointError(
-            f"{directory / WEIGHTS}: weights do not fit the prior described in {META} ({detail})"
-        ) from None
+    digest = load_verified_weights(model, directory, meta, "the prior described")
     model.checkpoint_hash = digest
     model.prior_config = config
     model.data_meta = dict(meta.get("data") or {})
