@@ -66,15 +66,14 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             _quiet_tracebacks()
         try:
             return command(*args, **kwargs)
-        except KeyboardInterrupt:
-            if debug:
+        except BaseException as exc:
+            interrupted = _caused_by_interrupt(exc)
+            if debug or not (interrupted or isinstance(exc, (*usage, *failures))):
                 raise
-            click.echo("error: interrupted; re-run the same command to continue (finished shards "
-                       "and checkpoints are kept)", err=True)
-            sys.exit(INTERRUPTED_EXIT)
-        except (*usage, *failures) as exc:
-            if debug:
-                raise
+            if interrupted:
+                click.echo("error: interrupted; re-run the same command to continue (finished "
+                           "shards and checkpoints are kept)", err=True)
+                sys.exit(INTERRUPTED_EXIT)
             if isinstance(exc, OSError):
                 from flows.errors import describe_os_error
 
@@ -85,6 +84,19 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(USAGE_EXIT if isinstance(exc, usage) else FAILURE_EXIT)
 
     return wrapper
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C, also when Prefect's engine hides it: a KeyboardInterrupt that lands while a task
+    run is being created makes Prefect raise ``ValueError('Task run is not set')`` from it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class OneLineErrors(click.Group):
@@ -391,6 +403,8 @@ def serve(config_path: str | None, checkpoint: str | None, fmt: str, shard_size:
     """Serve the pipeline on a schedule (blocks; needs a Prefect server, see the README)."""
     from flows.pipeline import tokenize_dataset
 
+    if checkpoint:  # a scheduled run at 3 a.m. is the wrong moment to learn of a typo
+        _check_checkpoint(checkpoint)
     parameters = serve_parameters(build_config(config_path), checkpoint, FORMATS[fmt],
                                   shard_size, out)
     tokenize_dataset.serve(name=name, cron=cron, parameters=parameters)

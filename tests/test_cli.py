@@ -121,3 +121,40 @@ def test_decode_with_the_wrong_tokenizer_is_one_line_and_exit_1(tmp_path, tiny_n
 def test_encode_without_checkpoint_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["encode", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "encode needs --checkpoint" in result.output
+
+
+def _interrupted_command(error: BaseException):
+    import click
+
+    from flows.cli import friendly_errors
+
+    @click.command()
+    @friendly_errors
+    def command() -> None:
+        raise error
+
+    return command
+
+
+def _masked_interrupt() -> ValueError:
+    """What Prefect raises when Ctrl-C lands while it creates a task run."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ValueError("Task run is not set")  # noqa: B904 - implicit chaining, as Prefect
+    except ValueError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), _masked_interrupt()])
+def test_ctrl_c_is_exit_130_even_when_prefect_masks_it(error):
+    result = CliRunner().invoke(_interrupted_command(error), [])
+    assert result.exit_code == 130
+    assert result.output.strip() == ("error: interrupted; re-run the same command to continue "
+                                     "(finished shards and checkpoints are kept)")
+
+
+def test_an_unexpected_error_is_not_called_an_interrupt():
+    result = CliRunner().invoke(_interrupted_command(ValueError("Task run is not set")), [])
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
