@@ -46,9 +46,12 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
 
 
 def describe(path: Path) -> str:
-    """A checkpoint's config and progress, or a token store's metadata and row counts."""
+    """A token store's metadata and row counts, a tokenizer checkpoint's config and progress,
+    or a prior's size and held-out figures."""
     from tokenizer.checkpoint import CheckpointError, read_checkpoint_meta
 
+    if _is_token_store(path):
+        return describe_tokens(path)
     try:
         meta = read_checkpoint_meta(path)
     except CheckpointError:
@@ -68,7 +71,22 @@ def describe(path: Path) -> str:
             lines.append(f"  validation      psnr {v['psnr']:.2f} dB, usage {v['usage']:.1%}, "
                          f"perplexity {v['perplexity']:.1f}")
         return "\n".join(lines)
+    prior = _prior_meta(path)
+    if prior is not None:
+        return describe_prior(prior)
+    return describe_tokens(path)
 
+
+def _is_token_store(path: Path) -> bool:
+    """Checked first: a token file beside a run's ``checkpoint`` folder is still a token file
+    (checkpoint lookup accepts any file inside a run folder)."""
+    if path.is_dir():
+        return (path / "manifest.json").is_file()
+    return path.suffix.lower() in {".parquet", ".pq", ".h5", ".hdf5"}
+
+
+def describe_tokens(path: Path) -> str:
+    """A token store's metadata and row counts per split."""
     from storage import load_grid, read_meta
 
     token_meta = read_meta(path)
@@ -86,3 +104,37 @@ def describe(path: Path) -> str:
              f"  checkpoint      {token_meta.checkpoint_hash}",
              f"  created         {token_meta.created_at} by vqtok {token_meta.vqtok_version}"]
     return "\n".join(lines) + "\n  metadata        " + json.dumps(token_meta.extra)[:200]
+
+
+def _prior_meta(path: Path) -> dict[str, Any] | None:
+    from tokenizer.checkpoint import CheckpointError
+    from tokenizer.prior_checkpoint import read_prior_meta
+
+    try:
+        return read_prior_meta(path)
+    except CheckpointError:
+        return None
+
+
+def describe_prior(meta: dict[str, Any]) -> str:
+    """A prior's size, training progress, held-out figures and the tokenizer it belongs to."""
+    shape, model = meta.get("shape", {}), meta.get("config", {}).get("model", {})
+    progress, data = meta.get("progress", {}), meta.get("data", {})
+    token_meta = data.get("token_meta", {})
+    classes = shape.get("num_classes", 0)
+    lines = [f"prior {meta['directory']}",
+             f"  weights sha256  {meta.get('weights_sha256', '?')}",
+             f"  model           {model.get('n_layers', '?')} layers, width "
+             f"{model.get('d_model', '?')}, {model.get('n_heads', '?')} heads, "
+             + (f"{classes} classes" if classes else "unconditional"),
+             f"  tokens          {shape.get('grid_h', '?')} x {shape.get('grid_w', '?')} grid, "
+             f"codebook {shape.get('vocab_size', '?')}, from {data.get('tokens', '?')}",
+             f"  tokenizer       {token_meta.get('checkpoint_hash', '?')}",
+             f"  trained steps   {progress.get('step', '?')} of "
+             f"{progress.get('total_steps', '?')}"]
+    heldout = progress.get("heldout") or {}
+    if "nll_bits" in heldout:
+        lines.append(f"  held-out        {heldout['nll_bits']:.3f} bits/token "
+                     f"({data.get('heldout_split') or 'held-out split'}); unigram "
+                     f"{heldout.get('unigram_bits', float('nan')):.3f}")
+    return "\n".join(lines)

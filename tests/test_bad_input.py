@@ -68,6 +68,10 @@ def test_missing_checkpoint_config_and_tokens(kit, tmp_path):
                  code=2) == (f"Invalid value for '--tokens': Path '{tmp_path}/none' does not "
                              "exist. (see --help)")
     assert not (tmp_path / "o").exists()
+    # serve checks the checkpoint now, not when the first scheduled run starts
+    assert fails("serve", "--checkpoint", tmp_path / "nope", "--out", tmp_path / "o") == (
+        f"checkpoint {tmp_path}/nope does not exist; pass the training output folder")
+    assert not (tmp_path / "o").exists()
 
 
 def test_empty_folder_and_folder_of_non_images(kit, tmp_path):

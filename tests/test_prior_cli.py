@@ -82,6 +82,21 @@ def test_train_reports_heldout_bits_next_to_the_unigram(trained, run):
     assert (run / "prior/checkpoint/model.safetensors").is_file()
 
 
+def test_info_describes_a_prior(trained, run):
+    result = CliRunner().invoke(main, ["info", str(run / "prior")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"prior {run / 'prior' / 'checkpoint'}"
+    assert "1 layers, width 16, 2 heads, 4 classes" in lines[2]
+    assert f"2 x 2 grid, codebook 16, from {(run / 'tokens.parquet').resolve()}" in lines[3]
+    assert lines[4].split()[-1] == read_meta(run / "tokens.parquet").checkpoint_hash
+    assert lines[5].split()[-3:] == ["40", "of", "40"]
+    tokens = CliRunner().invoke(main, ["info", str(run / "tokens.parquet")])  # beside checkpoint/
+    assert tokens.exit_code == 0 and tokens.output.startswith(f"tokens {run / 'tokens.parquet'}")
+    assert re.fullmatch(r"  held-out        \d+\.\d{3} bits/token \(validation\); "
+                        r"unigram \d+\.\d{3}", lines[6])
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_sample_writes_a_token_file_and_decodes_it(trained, run):
     out = run / "samples3"
