@@ -80,9 +80,17 @@ def describe(path: Path) -> str:
 def _is_token_store(path: Path) -> bool:
     """Checked first: a token file beside a run's ``checkpoint`` folder is still a token file
     (checkpoint lookup accepts any file inside a run folder)."""
+    from storage import TokenStoreError
+    from storage.layout import MANIFEST_NAME
+    from storage.reader import file_format
+
     if path.is_dir():
-        return (path / "manifest.json").is_file()
-    return path.suffix.lower() in {".parquet", ".pq", ".h5", ".hdf5"}
+        return (path / MANIFEST_NAME).is_file()
+    try:
+        file_format(path)
+    except TokenStoreError:
+        return False
+    return True
 
 
 def describe_tokens(path: Path) -> str:
