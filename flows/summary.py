@@ -50,8 +50,6 @@ def describe(path: Path) -> str:
     or a prior's size and held-out figures."""
     from tokenizer.checkpoint import CheckpointError, read_checkpoint_meta
 
-    if _is_token_store(path):
-        return describe_tokens(path)
     try:
         meta = read_checkpoint_meta(path)
     except CheckpointError:
@@ -75,22 +73,6 @@ def describe(path: Path) -> str:
     if prior is not None:
         return describe_prior(prior)
     return describe_tokens(path)
-
-
-def _is_token_store(path: Path) -> bool:
-    """Checked first: a token file beside a run's ``checkpoint`` folder is still a token file
-    (checkpoint lookup accepts any file inside a run folder)."""
-    from storage import TokenStoreError
-    from storage.layout import MANIFEST_NAME
-    from storage.reader import file_format
-
-    if path.is_dir():
-        return (path / MANIFEST_NAME).is_file()
-    try:
-        file_format(path)
-    except TokenStoreError:
-        return False
-    return True
 
 
 def describe_tokens(path: Path) -> str:
@@ -126,17 +108,17 @@ def _prior_meta(path: Path) -> dict[str, Any] | None:
 
 def describe_prior(meta: dict[str, Any]) -> str:
     """A prior's size, training progress, held-out figures and the tokenizer it belongs to."""
-    shape, model = meta.get("shape", {}), meta.get("config", {}).get("model", {})
+    shape, model = meta["shape"], meta["config"]["model"]  # save_prior always writes these
     progress, data = meta.get("progress", {}), meta.get("data", {})
     token_meta = data.get("token_meta", {})
-    classes = shape.get("num_classes", 0)
+    classes = shape["num_classes"]
     lines = [f"prior {meta['directory']}",
-             f"  weights sha256  {meta.get('weights_sha256', '?')}",
-             f"  model           {model.get('n_layers', '?')} layers, width "
-             f"{model.get('d_model', '?')}, {model.get('n_heads', '?')} heads, "
+             f"  weights sha256  {meta['weights_sha256']}",
+             f"  model           {model['n_layers']} layers, width {model['d_model']}, "
+             f"{model['n_heads']} heads, "
              + (f"{classes} classes" if classes else "unconditional"),
-             f"  tokens          {shape.get('grid_h', '?')} x {shape.get('grid_w', '?')} grid, "
-             f"codebook {shape.get('vocab_size', '?')}, from {data.get('tokens', '?')}",
+             f"  tokens          {shape['grid_h']} x {shape['grid_w']} grid, "
+             f"codebook {shape['vocab_size']}, from {data.get('tokens', '?')}",
              f"  tokenizer       {token_meta.get('checkpoint_hash', '?')}",
              f"  trained steps   {progress.get('step', '?')} of "
              f"{progress.get('total_steps', '?')}"]

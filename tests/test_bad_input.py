@@ -259,7 +259,7 @@ def test_crafted_pickles_are_refused_without_running_them(kit, tmp_path):
     pt = tmp_path / "model.pt"
     torch.save({"state": _Payload(str(marker))}, pt)
     assert fails("encode", "--checkpoint", pt, "--out", tmp_path / "o") == (
-        f"{tmp_path} is not a vqtok checkpoint (no config.json); pass the folder written by "
+        f"{pt} is not a vqtok checkpoint (no config.json); pass the folder written by "
         "'train'")
     npz = tmp_path / "evil.npz"
     np.savez(npz, images=np.array([_Payload(str(marker))], dtype=object))

@@ -36,6 +36,11 @@ def test_layout_is_safetensors_plus_json_and_loads_from_the_run_folder(saved):
     assert meta["weights_sha256"] == digest and meta["config"]["model"]["num_embeddings"] == 16
     assert load_tokenizer(path.parent).checkpoint_hash == digest  # the training output folder
     assert read_checkpoint_meta(path / "model.safetensors")["weights_sha256"] == digest
+    beside = path.parent / "tokens.parquet"  # a file stands for its own folder, not the run's
+    beside.write_bytes(b"PAR1")
+    with pytest.raises(CheckpointError, match="is not a vqtok checkpoint"):
+        read_checkpoint_meta(beside)
+    beside.unlink()
     assert not list(path.parent.glob("*.tmp")) and not list(path.parent.glob("*.old"))
 
 

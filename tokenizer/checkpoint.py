@@ -187,12 +187,16 @@ def restore_optimizer_and_rng(
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint directory, a training output directory, or a file inside one."""
+    """Accept a checkpoint directory, a training output directory, or a file of a checkpoint
+    (``model.safetensors``): a file stands for its own folder only, so a token file beside a
+    run's ``checkpoint`` folder is not taken for that checkpoint."""
     path = Path(path)
     if path.is_file():
-        path = path.parent
-    for candidate in (path, path / "checkpoint", path.with_name(path.name + ".old"),
-                      path / "checkpoint.old"):
+        candidates: tuple[Path, ...] = (path.parent,)
+    else:
+        candidates = (path, path / "checkpoint", path.with_name(path.name + ".old"),
+                      path / "checkpoint.old")
+    for candidate in candidates:
         if (candidate / META).is_file():
             return candidate
     if not path.exists():
