@@ -143,6 +143,8 @@ FORMAT = click.option("--format", "fmt", type=click.Choice(list(FORMATS)), defau
 SHARD = click.option("--shard-size", type=click.IntRange(min=1), default=10_000,
                      show_default=True, help="Rows per token shard.")
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+FORCE = click.option("--force", is_flag=True, help="Use a checkpoint its training marked "
+                     "unhealthy (reconstructions barely better than the mean image).")
 
 
 def out_option(default: str, help_text: str) -> Callable[..., Any]:
@@ -193,6 +195,13 @@ def _check_checkpoint(checkpoint: str) -> dict[str, Any]:
     return read_checkpoint_meta(checkpoint)
 
 
+def _check_healthy(checkpoint: str, force: bool) -> None:
+    """A checkpoint its training marked unhealthy is refused now, unless --force."""
+    from tokenizer.health import require_healthy
+
+    require_healthy(_check_checkpoint(checkpoint), force)
+
+
 def _check_data(data: Any) -> None:
     """Open the dataset up front (flows reuse it from the cache): bad input fails at once."""
     from flows.runtime import cached_source
@@ -241,10 +250,12 @@ def train(config_path: str | None, out: str, quiet: bool, nproc: int,
     config = build_config(config_path, **overrides)
     _check_data(config.data)
     _check_out(out)
+    from tokenizer.health import UNHEALTHY, quality_line
+
     result = train_flow(config.model_dump(), out, not quiet, nproc)
     picture = write_reconstructions(Path(result["checkpoint"]), config,
                                     Path(out) / "reconstructions.png")
-    v = result["validation"]
+    v, health = result["validation"], result.get("health") or {}
     click.echo(f"checkpoint {result['checkpoint']} (weights {result['weights_sha256'][:12]}), "
                f"step {result['step']}")
     if nproc > 1:
@@ -252,9 +263,13 @@ def train(config_path: str | None, out: str, quiet: bool, nproc: int,
         click.echo(f"{result['world_size']} processes; identical weights on every rank: "
                    f"{'yes' if agree else 'NO'}")
     if v:
-        click.echo(f"validation: mse {v['mse']:.5f}  psnr {v['psnr']:.2f} dB  "
-                   f"usage {v['usage']:.1%}  perplexity {v['perplexity']:.1f}")
+        click.echo(f"validation: mse {v['mse']:.5f}  {quality_line(v)}  "
+                   f"usage {v['usage']:.1%}  perplexity {v['perplexity']:.1f}  "
+                   f"health {health.get('status', 'not recorded')}")
     click.echo(f"reconstructions {picture}")
+    if health.get("status") == UNHEALTHY:  # a smoke run: a full run fails instead
+        click.echo(f"warning: {health['reason']}; a smoke run (--max-steps), so not an error, "
+                   "but encode refuses this checkpoint without --force", err=True)
 
 
 def write_reconstructions(checkpoint: Path, config: Any, path: Path, count: int = 32) -> Path:
@@ -281,10 +296,12 @@ def write_reconstructions(checkpoint: Path, config: Any, path: Path, count: int 
 @click.option("--cluster", help="Encode the shards on Dask: local:N (a local cluster of N "
               "workers) or tcp://HOST:8786 (a running scheduler). Needs vqtok[dask].")
 @QUIET
+@FORCE
 @friendly_errors
 def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
            data_root: str | None, device: str | None, batch_size: int | None, fmt: str,
-           shard_size: int, out: str, workers: int, cluster: str | None, quiet: bool) -> None:
+           shard_size: int, out: str, workers: int, cluster: str | None, quiet: bool,
+           force: bool) -> None:
     """Encode every split of a dataset into sharded token files (re-runs skip done shards).
 
     Without --batch-size: 256 on CPU, the largest power of two that fits on a GPU.
@@ -296,12 +313,13 @@ def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
         raise click.UsageError("encode needs --checkpoint (a folder written by 'train')")
     if cluster:
         runner_options(cluster)  # a bad --cluster fails before anything starts
+    _check_healthy(checkpoint, force)
     data = _encode_data(checkpoint, dataset, data_root, config_path)
     _check_data(data)
     _check_model(checkpoint, device)
     _check_out(out)
     result = encode_flow(checkpoint, out, data, FORMATS[fmt], shard_size, batch_size,
-                         device or "auto", workers, not quiet, cluster)
+                         device or "auto", workers, not quiet, cluster, force=force)
     click.echo(f"{result['encoded_images']} images encoded ({result['skipped_shards']} of "
                f"{result['shards']} shards already done) at {result['images_per_second']:.0f} "
                f"img/s -> {result['tokens']}")
@@ -348,9 +366,11 @@ def decode(tokens: str, checkpoint: str | None, out: str, split: str | None, lim
     _check_model(checkpoint, device)
     _check_out(out)
     result = decode_flow(tokens, checkpoint, out, split, limit, device=device or "auto")
+    from tokenizer.health import quality_line
+
     line = f"decoded {result['images']} images -> {result['picture']}"
     if "psnr" in result:
-        line += f" (mse {result['mse']:.5f}, psnr {result['psnr']:.2f} dB)"
+        line += f" (mse {result['mse']:.5f}, {quality_line(result)})"
     click.echo(line)
 
 
@@ -360,9 +380,10 @@ def decode(tokens: str, checkpoint: str | None, out: str, split: str | None, lim
 @click.option("--epochs", type=click.IntRange(min=1))
 @click.option("--max-steps", type=click.IntRange(min=1))
 @QUIET
+@FORCE
 @friendly_errors
 def run(config_path: str | None = None, out: str = "runs/demo", checkpoint: str | None = None,
-        fmt: str = "both", shard_size: int = 10_000, quiet: bool = False,
+        fmt: str = "both", shard_size: int = 10_000, quiet: bool = False, force: bool = False,
         **overrides: Any) -> None:
     """Train (unless --checkpoint), encode, compute stats and decode, then print a summary."""
     from flows.pipeline import tokenize_dataset
@@ -371,6 +392,7 @@ def run(config_path: str | None = None, out: str = "runs/demo", checkpoint: str 
     batch = overrides.pop("batch_size", None)
     config = build_config(config_path, **overrides)
     if checkpoint:
+        _check_healthy(checkpoint, force)
         _check_model(checkpoint, overrides.get("device"))
     _check_data(config.data)
     _check_out(out)
@@ -378,6 +400,7 @@ def run(config_path: str | None = None, out: str = "runs/demo", checkpoint: str 
     summary = tokenize_dataset(
         config.model_dump() if (explicit or not checkpoint) else None, out, checkpoint,
         FORMATS[fmt], shard_size, batch or 256, overrides.get("device") or "auto", not quiet,
+        force,
     )
     print_summary(summary)
 
@@ -397,24 +420,25 @@ def info(path: str) -> None:
           out_option("runs/scheduled", "Run folder each scheduled run writes to."))
 @click.option("--cron", default="0 3 * * *", show_default=True, help="Schedule (cron syntax).")
 @click.option("--name", default="vqtok-nightly", show_default=True, help="Deployment name.")
+@FORCE
 @friendly_errors
 def serve(config_path: str | None, checkpoint: str | None, fmt: str, shard_size: int, out: str,
-          cron: str, name: str) -> None:
+          cron: str, name: str, force: bool) -> None:
     """Serve the pipeline on a schedule (blocks; needs a Prefect server, see the README)."""
     from flows.pipeline import tokenize_dataset
 
     if checkpoint:  # a scheduled run at 3 a.m. is the wrong moment to learn of a typo
-        _check_checkpoint(checkpoint)
+        _check_healthy(checkpoint, force)
     parameters = serve_parameters(build_config(config_path), checkpoint, FORMATS[fmt],
-                                  shard_size, out)
+                                  shard_size, out, force)
     tokenize_dataset.serve(name=name, cron=cron, parameters=parameters)
 
 
 def serve_parameters(config: Any, checkpoint: str | None, formats: list[str], shard_size: int,
-                     out: str) -> dict[str, Any]:
+                     out: str, force: bool = False) -> dict[str, Any]:
     """Flow parameters of a scheduled run: plain JSON, so the server can store them."""
     return {"config": config.model_dump(), "out": out, "checkpoint": checkpoint,
-            "formats": formats, "shard_size": shard_size, "progress": False}
+            "formats": formats, "shard_size": shard_size, "progress": False, "force": force}
 
 
 from flows.cli_prior import prior  # noqa: E402 - registered after main exists

@@ -23,6 +23,7 @@ from flows.runtime import PipelineError, cached_model, cached_source
 from storage import load_grid, read_meta
 from tokenizer.config import DataConfig
 from tokenizer.data import DataError
+from tokenizer.health import quality_line
 from tokenizer.stats import psnr
 from tokenizer.visualize import save_reconstruction_grid
 
@@ -98,6 +99,9 @@ def decode_tokens(tokens: str, checkpoint: str, out: str, split: str | None, lim
     mean_mse = float(errors.mean())
     result.update(mse=mean_mse, psnr=psnr(mean_mse),
                   mean_image_psnr=float(np.mean([min(r["psnr"], 99.0) for r in table])))
+    if int(model.mean_image_count) > 0:  # the trivial baseline on the same images
+        baseline = model.mean_image.cpu()
+        result["baseline_psnr"] = psnr(float(((originals - baseline) ** 2).mean()))
     create_table_artifact(
         key="vqtok-decode",
         table=[{k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
@@ -117,5 +121,5 @@ def decode_flow(
     result = decode_tokens(tokens, checkpoint, out, split, limit, picture_count, device)
     if "psnr" in result:
         get_run_logger().info(f"decoded {result['images']} images: mse {result['mse']:.5f}, "
-                              f"psnr {result['psnr']:.2f} dB -> {result['picture']}")
+                              f"{quality_line(result)} -> {result['picture']}")
     return result

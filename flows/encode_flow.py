@@ -31,6 +31,8 @@ from storage import ShardedTokenStore, ShardSpec, TokenMeta
 from tokenizer.accel import Accel, encode_batch_size
 from tokenizer.config import DataConfig
 from tokenizer.encode import encode_ids
+from tokenizer.faults import pause_point
+from tokenizer.health import require_healthy
 
 DEFAULT_FORMATS = ("parquet", "hdf5")
 DEFAULT_SHARD_SIZE = 10_000
@@ -82,9 +84,11 @@ def encode_shard(
                                                        num_workers=num_workers, accel=accel):
                 writer.write(codes, batch_ids, labels)
                 advance(len(batch_ids))
+                pause_point("encode-batch-written")  # mid-write: only the temp file exists
     except OSError as exc:  # still an OSError (so retried); now it names the shard
         raise located(exc, store.tokens_dir / str(shard)) from exc
     seconds = time.perf_counter() - started
+    pause_point("encode-shard-published")
     return {"split": split, "index": index, "rows": shard.num_rows, "seconds": seconds,
             "skipped": False}
 
@@ -128,12 +132,14 @@ def encode_flow(
     num_workers: int = 0,
     progress: bool = True,
     cluster: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Encode every split of the dataset (the checkpoint's own unless ``data`` is given).
 
     ``cluster``: None encodes here, shard after shard; ``local:N`` or ``tcp://HOST:PORT``
     spreads the shards over Dask workers (``flows.dask_cluster``). ``batch_size`` None fits
-    the batch to each machine's GPU.
+    the batch to each machine's GPU. A checkpoint its training marked unhealthy is refused
+    unless ``force``.
     """
     logger = get_run_logger()
     formats = list(formats or DEFAULT_FORMATS)
@@ -146,12 +152,13 @@ def encode_flow(
         context = FlowRunContext.get()
         api_url = str(context.client.api_url) if context and context.client else None
         runner = dask_task_runner(cluster, api_url)  # fails now on a bad spec or extra
-    config, _ = checkpoint_config(checkpoint)
+    config, checkpoint_meta = checkpoint_config(checkpoint)
+    require_healthy(checkpoint_meta, force)
     data_cfg = DataConfig.model_validate(data) if data else config.data
     source = cached_source(data_cfg)
     # With a cluster the workers encode; here the model is only read for the metadata.
     model = cached_model(checkpoint, "cpu" if cluster else device)
-    meta = token_meta(model, source, data_cfg)
+    meta = token_meta(model, source, data_cfg, checkpoint_meta)
     paths = RunPaths(Path(out))
     store = ShardedTokenStore(paths.root, meta, shard_size, formats)
     recorded = store.recorded_created_at()
@@ -161,6 +168,7 @@ def encode_flow(
         meta = dataclasses.replace(meta, created_at=recorded)
         store = ShardedTokenStore(paths.root, meta, shard_size, formats)
     splits = {name: len(ids) for name, ids in source.splits.items()}
+    pause_point("encode-started")
     started = time.perf_counter()
     calls = []
     for split, rows in splits.items():

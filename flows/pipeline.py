@@ -15,6 +15,7 @@ from flows.runtime import RunPaths, cached_source, checkpoint_config
 from flows.stats_flow import stats_flow
 from flows.train_flow import train_flow
 from tokenizer.config import parse_config
+from tokenizer.health import quality_line
 
 
 def _validation_split(config: Any) -> str | None:
@@ -35,8 +36,11 @@ def tokenize_dataset(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "auto",
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """The whole pipeline into ``out``; returns the summary the CLI prints."""
+    """The whole pipeline into ``out``; returns the summary the CLI prints. A checkpoint
+    marked unhealthy by its training is refused unless ``force`` (a run that trains one
+    fails in training)."""
     if config is None and checkpoint is not None:
         cfg = checkpoint_config(checkpoint)[0]  # the data the tokenizer was trained on
     else:
@@ -48,7 +52,8 @@ def tokenize_dataset(
         checkpoint = trained["checkpoint"]
         summary["train"] = trained
     encoded = encode_flow(checkpoint, str(paths.root), cfg.data.model_dump(), formats,
-                          shard_size, batch_size, device, cfg.train.num_workers, progress)
+                          shard_size, batch_size, device, cfg.train.num_workers, progress,
+                          force=force)
     stats = stats_flow(encoded["tokens"], str(paths.stats))
     decoded = decode_flow(encoded["tokens"], checkpoint, str(paths.decode),
                           split=_validation_split(cfg), device=device)
@@ -59,7 +64,7 @@ def tokenize_dataset(
             f"### vqtok run `{paths.root}`\n\n| figure | value |\n|---|---:|\n"
             f"| codebook usage | {stats['usage']:.1%} ({stats['codes_used']}/"
             f"{stats['codebook_size']}) |\n| perplexity | {stats['perplexity']:.1f} |\n"
-            + (f"| PSNR | {decoded['psnr']:.2f} dB |\n" if "psnr" in decoded else "")
+            + (f"| quality | {quality_line(decoded)} |\n" if "psnr" in decoded else "")
             + f"| encode | {encoded['images_per_second']:.0f} img/s |\n"
         ),
         description="Summary of a tokenize-dataset run",

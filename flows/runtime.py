@@ -15,8 +15,8 @@ from typing import Any
 
 from storage import TokenMeta
 from tokenizer import VQVAE, __version__, load_tokenizer
-from tokenizer.checkpoint import read_checkpoint_meta
-from tokenizer.config import Config, DataConfig, parse_config
+from tokenizer.checkpoint import read_checkpoint_meta, stored_config
+from tokenizer.config import Config, DataConfig
 from tokenizer.data import ImageSource, open_source
 from tokenizer.train import resolve_device
 
@@ -50,7 +50,7 @@ class RunPaths:
 
 def checkpoint_config(checkpoint: str | Path) -> tuple[Config, dict[str, Any]]:
     meta = read_checkpoint_meta(checkpoint)
-    return parse_config(meta["config"], source=f"{meta['directory']}/config.json"), meta
+    return stored_config(meta), meta
 
 
 @lru_cache(maxsize=4)
@@ -98,7 +98,8 @@ def cached_source(data: DataConfig) -> ImageSource:
     return _cached_source(_data_key(data), _stamp(data))
 
 
-def token_meta(model: VQVAE, source: ImageSource, data: DataConfig) -> TokenMeta:
+def token_meta(model: VQVAE, source: ImageSource, data: DataConfig,
+               checkpoint_meta: dict[str, Any]) -> TokenMeta:
     """Everything a later decode needs: codebook, grid, the data it came from, the tokenizer."""
     h, w = model.grid_shape(data.image_size, data.image_size)
     return TokenMeta(
@@ -110,5 +111,16 @@ def token_meta(model: VQVAE, source: ImageSource, data: DataConfig) -> TokenMeta
         checkpoint_hash=model.checkpoint_hash,
         vqtok_version=__version__,
         extra={"data": data.model_dump(), "channels": source.channels,
-               "image_size": data.image_size},
+               "image_size": data.image_size,
+               "tokenizer_quality": tokenizer_quality(checkpoint_meta)},
     )
+
+
+def tokenizer_quality(checkpoint_meta: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer's validation PSNR, its mean-image baseline and its health verdict, as
+    its training recorded them: the token store carries them to stats and summaries."""
+    progress = checkpoint_meta.get("progress") or {}
+    validation = progress.get("validation") or {}
+    figures = {k: validation[k] for k in ("psnr", "baseline_psnr") if k in validation}
+    figures["health"] = (progress.get("health") or {}).get("status", "not recorded")
+    return figures

@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.plots import plot_position_entropy, plot_sorted_usage
 from flows.retry import retry_on_io_error
 from storage import load_grid
+from tokenizer.health import quality_line
 from tokenizer.usage import usage_report
 
 
@@ -24,6 +25,8 @@ def compute_stats(tokens: str, out: str) -> str:
                           tuple(grid.split_names))
     report["dataset"] = grid.meta.dataset
     report["checkpoint_hash"] = grid.meta.checkpoint_hash
+    # Usage alone cannot tell a working tokenizer from a dead decoder: carry its quality.
+    report["tokenizer_quality"] = grid.meta.extra.get("tokenizer_quality", {})
     report["tokens"] = str(tokens)
     path = Path(out) / "stats.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +54,9 @@ def stats_flow(tokens: str, out: str) -> dict[str, Any]:
     logger.info(f"usage {stats['usage']:.1%} ({stats['codes_used']}/{stats['codebook_size']}), "
                 f"perplexity {stats['perplexity']:.1f}, {stats['entropy_bits']:.2f} bits/token")
     most = ", ".join(f"{c['code']} ({c['count']})" for c in stats["most_used"][:5])
+    quality = stats.get("tokenizer_quality") or {}
+    quality_row = (f"| tokenizer quality | {quality_line(quality)}, {quality['health']} |\n"
+                   if "psnr" in quality else "")
     create_markdown_artifact(
         key="vqtok-usage",
         markdown=(
@@ -58,10 +64,12 @@ def stats_flow(tokens: str, out: str) -> dict[str, Any]:
             f"| images | {stats['images']} |\n| codes used | {stats['codes_used']} / "
             f"{stats['codebook_size']} ({stats['usage']:.1%}) |\n| dead codes | "
             f"{stats['dead_codes']} |\n| perplexity | {stats['perplexity']:.1f} |\n"
-            f"| entropy | {stats['entropy_bits']:.3f} bits/token |\n\nMost used: {most}\n"
+            f"| entropy | {stats['entropy_bits']:.3f} bits/token |\n{quality_row}"
+            f"\nMost used: {most}\n"
         ),
         description="Codebook usage from stats_flow",
     )
     summary = {k: stats[k] for k in ("images", "codebook_size", "codes_used", "dead_codes",
-                                     "usage", "perplexity", "entropy_bits")}
+                                     "usage", "perplexity", "entropy_bits",
+                                     "tokenizer_quality")}
     return {**summary, "stats": stats_path, "plots": plots}

@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tokenizer.health import describe_health, quality_line
+
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     stats, encoded, decoded = summary["stats"], summary["encode"], summary["decode"]
@@ -18,11 +20,13 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("perplexity", f"{stats['perplexity']:.1f} ({stats['entropy_bits']:.2f} bits/token)"),
     ]
     if "psnr" in decoded:
-        rows.append(("PSNR", f"{decoded['psnr']:.2f} dB (MSE {decoded['mse']:.5f}, "
-                             f"{decoded['images']} validation images)"))
+        rows.append(("quality", f"{quality_line(decoded)}; MSE {decoded['mse']:.5f} over "
+                                f"{decoded['images']} validation images"))
     if "train" in summary:
         t = summary["train"]
-        rows.append(("training", f"step {t['step']}, {t['images_per_second']:.0f} img/s"))
+        status = (t.get("health") or {}).get("status", "not recorded")
+        rows.append(("training", f"step {t['step']}, {t['images_per_second']:.0f} img/s, "
+                                 f"health {status}"))
     rows += [
         ("encoding", f"{encoded['images']} images, {encoded['images_per_second']:.0f} img/s, "
                      f"{encoded['tokens_per_second']:.0f} tokens/s"
@@ -66,8 +70,9 @@ def describe(path: Path) -> str:
                  f"  trained steps   {progress.get('step', '?')}"]
         if progress.get("validation"):
             v = progress["validation"]
-            lines.append(f"  validation      psnr {v['psnr']:.2f} dB, usage {v['usage']:.1%}, "
+            lines.append(f"  validation      {quality_line(v)}, usage {v['usage']:.1%}, "
                          f"perplexity {v['perplexity']:.1f}")
+        lines.append(f"  health          {describe_health(meta)}")
         return "\n".join(lines)
     prior = _prior_meta(path)
     if prior is not None:

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from tokenizer.config import parse_config
+from tokenizer.health import quality_line
 from tokenizer.launch import train_distributed
 from tokenizer.train import train
 
@@ -21,8 +22,8 @@ def train_task(config: dict[str, Any], out: str, progress: bool = True,
     if nproc > 1:
         summary = train_distributed(parse_config(config), out, nproc, progress=progress)
         keys = ("checkpoint", "weights_sha256", "step", "epochs_done", "seconds",
-                "images_per_second", "resumed_from_step", "validation", "world_size",
-                "rank_weights_sha256")
+                "images_per_second", "resumed_from_step", "validation", "health",
+                "world_size", "rank_weights_sha256")
         return {key: summary[key] for key in keys}
     logger = get_run_logger()
     result = train(parse_config(config), out, progress=progress, log=logger.info)
@@ -35,6 +36,7 @@ def train_task(config: dict[str, Any], out: str, progress: bool = True,
         "images_per_second": result.images_per_second,
         "resumed_from_step": result.resumed_from_step,
         "validation": result.validation,
+        "health": result.health,
     }
 
 
@@ -51,8 +53,9 @@ def train_flow(config: dict[str, Any], out: str, progress: bool = True,
         create_markdown_artifact(
             key="vqtok-train",
             markdown=(f"### Tokenizer trained to step {result['step']}\n\n| figure | value |\n"
-                      f"|---|---:|\n| validation MSE | {v['mse']:.5f} |\n| PSNR | "
-                      f"{v['psnr']:.2f} dB |\n| codebook usage | {v['usage']:.1%} |\n"
+                      f"|---|---:|\n| validation MSE | {v['mse']:.5f} |\n| quality | "
+                      f"{quality_line(v)} |\n| health | {result['health'].get('status')} |\n"
+                      f"| codebook usage | {v['usage']:.1%} |\n"
                       f"| perplexity | {v['perplexity']:.1f} |\n\nCheckpoint "
                       f"`{result['checkpoint']}`"),
             description="Validation figures of the trained tokenizer",

@@ -7,7 +7,7 @@ everything once and then forks a child per run: each child is a separate process
 SIGKILL. Only the helper signals and reaps its children (a pid is never reused before the
 helper reaps it), commanded by JSON lines on its stdin:
 
-    {"run": [argv...], "stdout": path, "stderr": path}  -> {"pid": N}
+    {"run": [argv...], "stdout": path, "stderr": path, "env": {...}}  -> {"pid": N}
     {"signal": 9}                                        -> {"sent": true|false}
     {"poll": true}                                       -> {"returncode": int|null}
     {"wait": true}                                       -> {"returncode": int}
@@ -27,8 +27,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _child(argv: list[str], stdout: str, stderr: str) -> None:
-    """In the forked child: point fds 0-2 at files, run the CLI, exit with its code."""
+def _child(argv: list[str], stdout: str, stderr: str, env: dict[str, str]) -> None:
+    """In the forked child: point fds 0-2 at files, set ``env``, run the CLI, exit with its
+    code."""
+    os.environ.update(env)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     for fd, path in ((1, stdout), (2, stderr)):
@@ -69,7 +71,8 @@ def serve() -> None:
         if "run" in request:
             child, reaped = os.fork(), None
             if child == 0:
-                _child(request["run"], request["stdout"], request["stderr"])
+                _child(request["run"], request["stdout"], request["stderr"],
+                       request.get("env", {}))
             answer: dict[str, Any] = {"pid": child}
         elif "signal" in request:
             alive = child is not None and reaped is None
@@ -109,9 +112,9 @@ class FaultRunner:
             raise RuntimeError("fault runner helper died")
         return json.loads(line)
 
-    def start(self, argv: list[str], logs: Path) -> int:
+    def start(self, argv: list[str], logs: Path, env: dict[str, str] | None = None) -> int:
         return self._ask({"run": argv, "stdout": str(logs.with_suffix(".out")),
-                          "stderr": str(logs.with_suffix(".err"))})["pid"]
+                          "stderr": str(logs.with_suffix(".err")), "env": env or {}})["pid"]
 
     def signal(self, signum: int) -> bool:
         return self._ask({"signal": signum})["sent"]

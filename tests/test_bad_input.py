@@ -391,10 +391,10 @@ def test_manifest_pointing_outside_the_store_is_refused(kit, tmp_path):
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_infinite_loss_stops_training_naming_the_step(kit, tmp_path):
+def test_non_finite_loss_stops_training_naming_the_step(kit, tmp_path):
     config = write_config(tmp_path / "hot.yaml", tiny_raw(f"npz:{kit['npz']}", lr=1e6))
     assert fails("train", "--config", config, "--out", tmp_path / "run", "--quiet") == (
-        "loss became inf at step 2; stopped, no checkpoint was written yet; lower train.lr "
+        "loss became nan at step 2; stopped, no checkpoint was written yet; lower train.lr "
         "or check the data")
     assert not (tmp_path / "run" / "checkpoint").exists()
     assert not list((tmp_path / "run").glob("checkpoint*"))

@@ -140,15 +140,19 @@ def records(tokens: Path) -> int:
     return len(list(tokens.glob("*/_part-*.done.json"))) if tokens.is_dir() else 0
 
 
-def run_until(runner, argv, logs, trigger, signum=signal.SIGKILL):
-    """Start the CLI; when ``trigger()`` says so, send ``signum``. Returns the exit code."""
-    runner.start(argv, logs)
+def run_until(runner, argv, logs, pause=None, signum=signal.SIGKILL):
+    """Start the CLI with ``pause`` ("NAME:N", see tokenizer/faults.py); once the child has
+    reached it and waits there, send ``signum``. Returns the exit code: -signum when the
+    signal interrupted the run, whatever the machine's speed."""
+    marker = logs.with_suffix(".paused")
+    env = {"VQTOK_PAUSE_AT": pause, "VQTOK_PAUSE_MARKER": str(marker)} if pause else {}
+    runner.start(argv, logs, env)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         code = runner.poll()
         if code is not None:
             return code
-        if trigger():
+        if pause and marker.exists():
             runner.signal(signum)
             return runner.wait()
         time.sleep(0.002)
@@ -160,30 +164,11 @@ def encode_argv(tiny, out):
             "--shard-size", str(SHARD_ROWS), "--batch-size", "2", "--device", "cpu", "--quiet"]
 
 
-def after_records(tokens, extra, delay):
-    """Trigger: ``extra`` more shards finished, then ``delay`` seconds."""
-    target, fired = records(tokens) + extra, []
-
-    def trigger():
-        if not fired and records(tokens) >= target:
-            fired.append(time.monotonic() + delay)
-        return bool(fired) and time.monotonic() >= fired[0]
-
-    return trigger
-
-
-def mid_write(tokens, extra):
-    """Trigger: a shard's temp file exists (its writer is mid-write) after ``extra`` shards."""
-    target = records(tokens) + extra
-    return lambda: records(tokens) >= target and bool(temps(tokens))
-
-
 def test_encode_killed_at_random_points_ends_identical_to_an_uninterrupted_run(
     runner, tiny, tmp_path
 ):
     reference = tmp_path / "reference"
-    assert run_until(runner, encode_argv(tiny, reference), tmp_path / "ref",
-                     lambda: False) == 0
+    assert run_until(runner, encode_argv(tiny, reference), tmp_path / "ref") == 0
 
     out = tmp_path / "run"
     tokens = out / "tokens"
@@ -193,26 +178,26 @@ def test_encode_killed_at_random_points_ends_identical_to_an_uninterrupted_run(
     rng.shuffle(plan)
     outcomes = []
     for i, mode in enumerate(plan):
-        started = time.monotonic()
-        if mode == "startup":
-            delay = rng.uniform(0.3, 2.0)
-            trigger = lambda d=delay, t=started: time.monotonic() - t >= d  # noqa: E731
-        elif mode == "mid-write":
-            trigger = mid_write(tokens, rng.randint(0, 2))
-        else:
-            trigger = after_records(tokens, rng.randint(1, 3), rng.uniform(0.0, 0.2))
+        before = records(tokens)
+        if mode == "startup":  # Prefect is up, the store planned, no shard started
+            pause = "encode-started:1"
+        elif mode == "mid-write":  # a shard's writer holds only its temp file
+            pause = f"encode-batch-written:{rng.randint(1, 25)}"
+        else:  # right after the n-th shard of this run was published
+            pause = f"encode-shard-published:{rng.randint(1, 3)}"
         signum = signal.SIGINT if mode == "ctrl-c" else signal.SIGKILL
-        code = run_until(runner, encode_argv(tiny, out), tmp_path / f"run{i}", trigger, signum)
+        code = run_until(runner, encode_argv(tiny, out), tmp_path / f"run{i}", pause, signum)
         outcomes.append((mode, code, records(tokens)))
+        assert code == (130 if mode == "ctrl-c" else -signal.SIGKILL), outcomes
         if mode == "ctrl-c":
-            assert code == 130, outcomes
             err = (tmp_path / f"run{i}.err").read_text().strip().splitlines()
             assert err[-1].startswith("error: interrupted; re-run the same command"), err[-3:]
+        if mode in ("records", "ctrl-c"):
+            assert records(tokens) == before + int(pause.rsplit(":", 1)[1]), outcomes
+        assert records(tokens) < 20, outcomes  # every interruption left work to do
     print("interruptions (mode, exit code, finished shards):", outcomes)
-    killed = [o for o in outcomes if o[1] == -signal.SIGKILL]
-    assert len(killed) >= 5, outcomes  # each kill landed while the command was running
 
-    code = run_until(runner, encode_argv(tiny, out), tmp_path / "final", lambda: False)
+    code = run_until(runner, encode_argv(tiny, out), tmp_path / "final")
     watcher.close()
     assert code == 0, (tmp_path / "final.err").read_text()[-2000:]
     assert watcher.problems == []
@@ -242,15 +227,16 @@ def test_training_killed_twice_resumes_where_it_stood(runner, tiny, tmp_path):
         return ["train", "--config", str(config), "--out", str(out), "--quiet"]
 
     reference = tmp_path / "reference"
-    assert run_until(runner, argv(reference), tmp_path / "ref", lambda: False) == 0
+    assert run_until(runner, argv(reference), tmp_path / "ref") == 0
 
     out = tmp_path / "run"
     checkpoint = out / "checkpoint"
     rng = random.Random(SEED + 1)
     stops = []
-    for i, at in enumerate((rng.randint(10, 60), rng.randint(80, 130))):
+    # Saves at steps 10, 20, 30, 40, 45 (epoch end), 50, ...: kill right after one of them.
+    for i, saves in enumerate((rng.randint(1, 6), rng.randint(3, 8))):
         code = run_until(runner, argv(out), tmp_path / f"train{i}",
-                         lambda a=at: _train_step(checkpoint) >= a)
+                         f"train-checkpoint-saved:{saves}")
         assert code == -signal.SIGKILL
         load_tokenizer(out)  # what the kill left is a usable checkpoint
         stops.append(_train_step(checkpoint))
@@ -259,7 +245,7 @@ def test_training_killed_twice_resumes_where_it_stood(runner, tiny, tmp_path):
             assert f"resuming from step {stops[0]}" in log
     assert 10 <= stops[0] < stops[1] < 180
 
-    assert run_until(runner, argv(out), tmp_path / "final", lambda: False) == 0
+    assert run_until(runner, argv(out), tmp_path / "final") == 0
     log = (tmp_path / "final.out").read_text() + (tmp_path / "final.err").read_text()
     assert f"resuming from step {stops[1]}" in log  # continued, did not start over
     ref = reference / "checkpoint"

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import Config, ConfigError, parse_config
+from .config import Config, ConfigError, parse_config, with_legacy_defaults
 from .model import VQVAE
 
 FORMAT = "vqtok-checkpoint"
@@ -42,7 +42,7 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -235,14 +235,21 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def stored_config(meta: dict[str, Any]) -> Config:
+    """The run config a checkpoint was trained with (``meta`` from ``read_checkpoint_meta``);
+    keys newer than the checkpoint mean what they meant when it was written."""
+    directory = Path(meta["directory"])
+    try:
+        return parse_config(with_legacy_defaults(meta["config"]), source=str(directory / META))
+    except (ConfigError, KeyError) as exc:
+        raise CheckpointError(f"{directory / META}: bad config ({exc})") from None
+
+
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> VQVAE:
     """The trained VQVAE from a checkpoint directory, in eval mode, weights hash verified."""
     meta = read_checkpoint_meta(path)
     directory = Path(meta["directory"])
-    try:
-        config = parse_config(meta["config"], source=str(directory / META))
-    except (ConfigError, KeyError) as exc:
-        raise CheckpointError(f"{directory / META}: bad config ({exc})") from None
+    config = stored_config(meta)
     model = build_model(config, int(meta.get("in_channels", config.data.channels)))
     digest = load_verified_weights(model, directory, meta, "the architecture")
     model.checkpoint_hash = digest
@@ -285,4 +292,5 @@ def build_model(config: Config, in_channels: int | None = None) -> VQVAE:
         model=config.model,
         quantizer=config.quantizer,
         seed=config.seed,
+        image_size=config.data.image_size,
     )

@@ -91,7 +91,11 @@ def init_from_env(device: str = "auto") -> Launch:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank that tore down its gloo pairs while another
+    still used them aborted now and then ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -2,6 +2,10 @@
 
 Shapes for the defaults (28x28 MNIST, two downsamplings): image (B, 1, 28, 28) ->
 encoder (B, 64, 7, 7) -> codes (B, 7, 7) in [0, 512) -> decoder (B, 1, 28, 28) in [0, 1].
+
+The model also keeps the mean image of its training data (a buffer, saved with the
+weights): the trivial baseline its reconstructions are judged against (``tokenizer.health``)
+and where a fresh run starts the decoder's output (``init_output_bias``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, QuantizerConfig
-from .quantizer import VectorQuantizer, nearest_code
+from .quantizer import QuantizerOutput, VectorQuantizer, nearest_code
 
 
 class ResidualBlock(nn.Module):
@@ -80,11 +84,13 @@ class VQVAE(nn.Module):
         model: ModelConfig | None = None,
         quantizer: QuantizerConfig | None = None,
         seed: int = 0,
+        image_size: int = 28,
     ) -> None:
         super().__init__()
         model = model or ModelConfig()
         quantizer = quantizer or QuantizerConfig()
         self.in_channels = in_channels
+        self.center_input = model.center_input
         self.downsample_factor = 2**model.num_downsamples
         self.encoder = _encoder(in_channels, model)
         self.pre_quant = (
@@ -106,19 +112,62 @@ class VQVAE(nn.Module):
             seed=seed,
         )
         self.decoder = _decoder(in_channels, model)
+        # How many training images ``mean_image`` averages; 0: not known (checkpoints from
+        # before it existed load with 0, see ``_fill_missing_mean_image``).
+        self.register_buffer("mean_image", torch.zeros(in_channels, image_size, image_size))
+        self.register_buffer("mean_image_count", torch.zeros((), dtype=torch.long))
+        self._register_load_state_dict_pre_hook(_fill_missing_mean_image, with_module=True)
 
     @property
     def num_embeddings(self) -> int:
         return self.quantizer.num_embeddings
 
+    @property
+    def output_layer(self) -> nn.ConvTranspose2d:
+        """The decoder's last transposed conv, the one the sigmoid reads."""
+        return [m for m in self.decoder if isinstance(m, nn.ConvTranspose2d)][-1]
+
+    @torch.no_grad()
+    def set_mean_image(self, mean: torch.Tensor, count: int) -> None:
+        """Record the training data's mean image (C, H, W) over ``count`` images."""
+        self.mean_image.copy_(mean.detach())
+        self.mean_image_count.fill_(count)
+
+    @torch.no_grad()
+    def init_output_bias(self) -> None:
+        """Start the output at the data's mean: bias = logit(per-channel mean of mean_image).
+
+        At init the sigmoid gives ~0.5 everywhere; when the data's mean is far from it (0.13
+        on MNIST) Adam's first steps move every weight the same way, overshoot the mean and
+        saturate the sigmoid, whose gradient then vanishes: a decoder that outputs black.
+        Starting at the mean leaves nothing to overshoot.
+        """
+        if int(self.mean_image_count) == 0:
+            raise ValueError("set_mean_image first: the output bias starts at the data's mean")
+        mean = self.mean_image.mean(dim=(1, 2)).clamp(1e-3, 1 - 1e-3)
+        self.output_layer.bias.copy_(torch.log(mean / (1 - mean)))
+
     def latent(self, x: torch.Tensor) -> torch.Tensor:
+        if self.center_input:
+            x = x * 2 - 1
         return self.pre_quant(self.encoder(x))
 
     def grid_shape(self, height: int, width: int) -> tuple[int, int]:
         return height // self.downsample_factor, width // self.downsample_factor
 
-    def forward(self, x: torch.Tensor) -> VQVAEOutput:
-        q = self.quantizer(self.latent(x))
+    def forward(self, x: torch.Tensor, quantize: bool = True) -> VQVAEOutput:
+        """``quantize=False`` (the training warm-up) passes the encoder's output straight to
+        the decoder: a plain autoencoder, no codebook loss and no codebook learning; the
+        indices are still the nearest codes."""
+        z = self.latent(x)
+        if quantize:
+            q = self.quantizer(z)
+        else:
+            b, _, h, w = z.shape
+            zero = torch.zeros((), device=z.device)
+            flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            indices = nearest_code(flat, self.quantizer.codebook, self.quantizer.chunk_bytes)
+            q = QuantizerOutput(z, indices.view(b, h, w), zero, zero, zero)
         reconstruction = self.decoder(q.quantized)
         recon_loss = F.mse_loss(reconstruction.float(), x.float())
         return VQVAEOutput(
@@ -150,3 +199,12 @@ class VQVAE(nn.Module):
                              f"{int(codes.max())}]")
         return self.decoder(self.quantizer.lookup(codes.long())).float()
 
+
+
+def _fill_missing_mean_image(
+    module: nn.Module, state: dict[str, torch.Tensor], prefix: str, *_: object
+) -> None:
+    """Checkpoints written before the mean image was kept load with it unknown (count 0)."""
+    if prefix + "mean_image" not in state and prefix + "mean_image_count" not in state:
+        state[prefix + "mean_image"] = module.mean_image.detach().clone()
+        state[prefix + "mean_image_count"] = torch.zeros((), dtype=torch.long)

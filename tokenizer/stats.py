@@ -69,4 +69,6 @@ def ranked_codes(counts: np.ndarray, top: int = 10) -> dict[str, list[dict[str, 
 
 def psnr(mse: float, peak: float = 1.0) -> float:
     """PSNR in dB for images in [0, peak]; infinite for a perfect reconstruction."""
+    if math.isnan(mse):
+        return math.nan
     return math.inf if mse <= 0 else 10.0 * math.log10(peak * peak / mse)

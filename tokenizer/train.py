@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
+from . import health
 from .accel import Accel
 from .checkpoint import (
     STATE,
@@ -33,9 +34,11 @@ from .checkpoint import (
     recover_checkpoint,
     restore_optimizer_and_rng,
     save_checkpoint,
+    stored_config,
 )
-from .config import Config, ConfigError, parse_config
+from .config import Config
 from .data import ImageSource, iterate_batches, iterate_id_batches, open_source, split_batches
+from .faults import pause_point
 from .model import VQVAE
 from .stats import code_histogram, psnr, usage_summary
 
@@ -57,6 +60,7 @@ class TrainResult:
     validation: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_step: int = 0
+    health: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,7 +88,9 @@ def evaluate(
     model: VQVAE, source: ImageSource, ids: np.ndarray, batch_size: int, device: torch.device,
     amp: bool = False, accel: Accel | None = None,
 ) -> dict[str, float]:
-    """MSE and PSNR (from the mean MSE) and codebook usage over the given images.
+    """MSE and PSNR (from the mean MSE) and codebook usage over the given images, and the
+    trivial baseline on the same images: the PSNR of predicting the model's training mean
+    image (``baseline_psnr``; left out for checkpoints that do not know their mean image).
 
     Under DDP each rank takes every world-size-th image, none twice, and the sums are added
     over ranks: the figures count each image exactly once, as in one process.
@@ -92,8 +98,9 @@ def evaluate(
     accel = accel or Accel.for_device(device, amp)
     was_training = model.training
     model.eval()
-    sq_err, pixels = 0.0, 0
+    sq_err, baseline_sq_err, pixels = 0.0, 0.0, 0
     counts = np.zeros(model.num_embeddings, dtype=np.int64)
+    has_baseline = int(model.mean_image_count) > 0
     mine = dist.shard_eval(ids, dist.rank(), dist.world_size())
     for images, _ in iterate_batches(source, mine, batch_size, pin=accel.pin_memory,
                                      prefetch=accel.prefetch):
@@ -102,18 +109,20 @@ def evaluate(
             codes = model.encode(images)
             recon = model.decode(codes)
         sq_err += float(((recon.float() - images) ** 2).sum())
+        if has_baseline:
+            baseline_sq_err += float(((model.mean_image - images) ** 2).sum())
         pixels += images.numel()
         counts += code_histogram(codes, model.num_embeddings)
     model.train(was_training)
     if dist.is_distributed():
         where = model.quantizer.codebook.device
-        sums = dist.all_reduce_sum_(torch.tensor([sq_err, float(pixels)], dtype=torch.float64,
-                                                 device=where))
-        sq_err, pixels = float(sums[0]), int(sums[1])
+        sums = dist.all_reduce_sum_(torch.tensor([sq_err, baseline_sq_err, float(pixels)],
+                                                 dtype=torch.float64, device=where))
+        sq_err, baseline_sq_err, pixels = float(sums[0]), float(sums[1]), int(sums[2])
         counts = dist.all_reduce_sum_(torch.from_numpy(counts).to(where)).cpu().numpy()
     mse = sq_err / max(pixels, 1)
     usage = usage_summary(counts)
-    return {
+    figures = {
         "mse": mse,
         "psnr": psnr(mse),
         "usage": usage["usage"],
@@ -121,6 +130,9 @@ def evaluate(
         "perplexity": usage["perplexity"],
         "images": len(ids),
     }
+    if has_baseline:
+        figures.update(health.baseline_figures(baseline_sq_err, pixels))
+    return figures
 
 
 # --- resumable state ------------------------------------------------------------------------
@@ -251,6 +263,28 @@ def _global_mean(value: torch.Tensor) -> float:
     return float(total) / dist.world_size()
 
 
+def warmup_steps(config: Config, steps_per_epoch: int) -> int:
+    """Steps trained as a plain autoencoder before quantization starts: the configured
+    number, but at most half of the first epoch, so every run quantizes most of its steps.
+    It depends only on the data and the batch size, so a resumed run (or one trained for
+    more epochs later) warms up exactly as an uninterrupted one."""
+    return min(config.quantizer.warmup_steps, steps_per_epoch // 2)
+
+
+def start_fresh(model: VQVAE, config: Config, source: ImageSource, train_ids: np.ndarray) -> None:
+    """What a new run does before its first step: record the training data's mean image (the
+    health check's baseline) and, with ``model.init_output_bias``, start the output there."""
+    mean, count = health.mean_image(source.load_batch, train_ids)
+    model.set_mean_image(mean, count)
+    if config.model.init_output_bias:
+        model.init_output_bias()
+
+
+def _is_smoke_run(config: Config, step: int, steps_per_epoch: int) -> bool:
+    """Stopped by train.max_steps before its planned epochs: a quick try, not a real run."""
+    return config.train.max_steps is not None and step < steps_per_epoch * config.train.epochs
+
+
 def train(
     config: Config,
     out_dir: str | Path,
@@ -296,6 +330,7 @@ def train(
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                  lr=config.train.lr)
     steps_per_epoch = math.ceil(len(train_ids) / config.train.batch_size)
+    warmup = warmup_steps(config, steps_per_epoch)
     total_steps = steps_per_epoch * config.train.epochs
     if config.train.max_steps is not None:
         total_steps = min(total_steps, config.train.max_steps)
@@ -306,10 +341,7 @@ def train(
     recover_checkpoint(checkpoint)  # a crash inside save_checkpoint's swap leaves `.old`
     if (checkpoint / STATE).is_file():
         meta = read_checkpoint_meta(checkpoint)
-        try:
-            stored = parse_config(meta["config"], source=f"{checkpoint}/config.json").model_dump()
-        except (ConfigError, KeyError) as exc:
-            raise CheckpointError(f"{checkpoint}/config.json: bad config ({exc})") from None
+        stored = stored_config(meta).model_dump()
         differs = _config_mismatch(stored, config)
         if differs:
             raise TrainingError(
@@ -321,6 +353,8 @@ def train(
         saved_step = step
         last_val = dict(meta.get("progress", {}).get("validation") or {})
         log(f"resuming from step {step} in {checkpoint}")
+    else:
+        start_fresh(model, config, source, train_ids)
     resumed_from = step
     if step >= total_steps:
         log(f"nothing to do: {checkpoint} is already at step {step} of {total_steps}")
@@ -348,14 +382,18 @@ def train(
         nonlocal saved_step
         _check_finite(model, step, checkpoint, saved_step)
         prog = {"step": step, "epochs_done": step // steps_per_epoch, "total_steps": total_steps,
-                "validation": last_val}
+                "validation": last_val, "health": verdict()}
         saved = ""
         if main:
             state = _train_state(model, optimizer, step, history, (epoch_loss, epoch_batches))
             saved = save_checkpoint(checkpoint, model, config, prog, state)
         saved_step = step
         dist.barrier()  # no rank runs ahead of a checkpoint still being written
+        pause_point("train-checkpoint-saved")
         return saved
+
+    def verdict() -> dict[str, Any]:
+        return health.judge(last_val, config.train.min_gain_over_baseline_db)
 
     def validate() -> dict[str, float]:
         if len(val_ids) == 0:
@@ -382,7 +420,7 @@ def train(
             ):
                 images = accel.to_device(images)
                 with accel.autocast():
-                    out = net(images)
+                    out = net(images, quantize=step >= warmup)
                 loss = out.loss
                 loss_value = _global_mean(loss.detach())
                 if not math.isfinite(loss_value):
@@ -406,7 +444,7 @@ def train(
                     digest = save()  # inside the epoch: a kill now loses < `every` steps
             last_val = validate()
             model.train()
-            figures = (f"val mse {last_val['mse']:.5f}  psnr {last_val['psnr']:.2f} dB  usage "
+            figures = (f"val mse {last_val['mse']:.5f}  {health.quality_line(last_val)}  usage "
                        f"{last_val['usage']:.1%}  perplexity {last_val['perplexity']:.1f}"
                        if last_val else "no validation images")
             if step % steps_per_epoch == 0:  # a whole epoch: it goes into the history
@@ -421,6 +459,15 @@ def train(
             digest = save()
 
     seconds = time.perf_counter() - started
+    judged = verdict()
+    if judged["status"] == health.UNHEALTHY:
+        if not _is_smoke_run(config, step, steps_per_epoch):
+            raise TrainingError(
+                f"training ended unhealthy: {judged['reason']}; {checkpoint} is marked "
+                "unhealthy (encode refuses it without --force); try another seed, a lower "
+                "train.lr or more epochs")
+        log(f"warning: {judged['reason']} (a smoke run stopped by train.max_steps; the "
+            "checkpoint is marked unhealthy)")
     if not main:  # this rank's own weights: equal to rank 0's when the ranks agree
         digest = model_weights_hash(model)
     if not digest:  # nothing trained in this call: report what is on disk
@@ -435,4 +482,5 @@ def train(
         validation=last_val,
         history=history,
         resumed_from_step=resumed_from,
+        health=judged,
     )
