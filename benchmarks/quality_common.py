@@ -2,10 +2,11 @@
 figures with the mean-image baseline, and the per-seed table.
 
 vqtok's recipe is trained exactly as ``tokenizer.train.train`` trains it (``start_fresh``
-before the first step, the quantizer warm-up of ``warmup_steps``); the lecture's recipe is
-the same architecture with the lecture's quantizer and none of vqtok's additions (raw [0, 1]
-input, default output bias, no warm-up). Both see the same batches in the same order, one
-step of each per batch, each timed on its own, so machine noise hits both alike.
+before the first step, ``make_optimizer``, the quantizer warm-up of ``warmup_steps``); the
+lecture's recipe is the same widths with the lecture's quantizer and none of vqtok's
+additions (ReLU, raw [0, 1] input, default output bias, no warm-up, Adam's default betas).
+Both see the same batches in the same order, one step of each per batch, each timed on its
+own, so machine noise hits both alike.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tokenizer.config import Config
 from tokenizer.data import ImageSource
 from tokenizer.health import mean_image
 from tokenizer.stats import code_histogram, psnr, usage_summary
-from tokenizer.train import start_fresh, warmup_steps
+from tokenizer.train import make_optimizer, start_fresh, warmup_steps
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -42,6 +43,7 @@ def build_recipes(config: Config, channels: int, lecture: bool = True) -> dict[s
     recipes = {"vqtok": build_model(config, channels)}
     if lecture:
         plain = config.with_overrides(**{"model.center_input": False,
+                                         "model.activation": "relu",
                                          "model.init_output_bias": False,
                                          "quantizer.warmup_steps": 0})
         torch.manual_seed(config.seed)
@@ -63,8 +65,9 @@ def train_interleaved(
     t0 = time.perf_counter()
     start_fresh(recipes["vqtok"], config, source, train_ids)  # part of vqtok's cost
     seconds["vqtok"] += time.perf_counter() - t0
-    optimizers = {n: torch.optim.Adam([p for p in m.parameters() if p.requires_grad],
-                                      lr=config.train.lr) for n, m in recipes.items()}
+    optimizers = {n: make_optimizer(m, config) if n == "vqtok" else
+                  torch.optim.Adam(m.parameters(), lr=config.train.lr)  # the lecture's Adam
+                  for n, m in recipes.items()}
     steps_per_epoch = -(-len(train_ids) // batch)
     warmup = warmup_steps(config, steps_per_epoch)
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps,

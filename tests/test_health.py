@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from flows.cli import main
 from tokenizer import TrainingError, load_tokenizer, open_source, train
 from tokenizer.checkpoint import build_model, save_checkpoint, weights_hash
-from tokenizer.config import Config
+from tokenizer.config import LEGACY_DEFAULTS, Config
 from tokenizer.health import (
     HEALTHY,
     UNCHECKED,
@@ -86,14 +86,14 @@ def test_a_fresh_run_starts_the_output_at_the_data_mean(tiny_config):
 
 def _mean_outputs(overrides: dict, steps: int = 15) -> list[float]:
     """The mean decoder output over the first steps of the default model on the bundled
-    MNIST sample (mean pixel 0.13), Adam 1e-3, batch 64, as ``train`` runs them."""
+    MNIST sample (mean pixel 0.13), batch 64, as ``train`` runs them."""
     config = Config().with_overrides(**overrides)
     source = open_source(config.data)
     ids = source.split_ids("train")
     torch.manual_seed(0)
     model = build_model(config)
     TRAIN.start_fresh(model, config, source, ids[:2000])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = TRAIN.make_optimizer(model, config)
     warmup = TRAIN.warmup_steps(config, len(ids) // 64)
     outputs = []
     for step in range(steps):
@@ -263,7 +263,7 @@ def test_encode_refuses_an_unhealthy_checkpoint_unless_forced(tmp_path, tiny_con
 def test_a_checkpoint_from_before_loads_and_encodes_as_it_was_trained(tmp_path, tiny_config):
     """Written without the mean image and without the new config keys: it loads with the
     meaning those keys had (raw input, no warm-up) and gives the same codes."""
-    legacy_config = tiny_config.with_overrides(**{"model.center_input": False})
+    legacy_config = tiny_config.with_overrides(**LEGACY_DEFAULTS)
     model = build_model(legacy_config).train()
     model(torch.rand(32, 1, 8, 8))  # fit the codebook
     folder = tmp_path / "ckpt"
@@ -272,13 +272,14 @@ def test_a_checkpoint_from_before_loads_and_encodes_as_it_was_trained(tmp_path, 
              if not k.startswith("mean_image")}
     save_file(state, str(folder / "model.safetensors"))
     meta = json.loads((folder / "config.json").read_text())
-    del meta["config"]["model"]["center_input"], meta["config"]["model"]["init_output_bias"]
-    del meta["config"]["quantizer"]["warmup_steps"]
-    del meta["config"]["train"]["min_gain_over_baseline_db"]
+    for key in LEGACY_DEFAULTS:  # keys the config of an older vqtok did not have
+        section, leaf = key.split(".")
+        del meta["config"][section][leaf]
     meta["weights_sha256"] = weights_hash(state)
     (folder / "config.json").write_text(json.dumps(meta))
 
     loaded = load_tokenizer(folder)
     assert loaded.center_input is False and int(loaded.mean_image_count) == 0
+    assert not any(isinstance(m, torch.nn.LeakyReLU) for m in loaded.modules())
     x = torch.rand(4, 1, 8, 8)
     assert torch.equal(loaded.encode(x), model.eval().encode(x))

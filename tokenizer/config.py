@@ -33,6 +33,7 @@ class ModelConfig(_Strict):
     latent_channels: int = Field(64, ge=1)  # encoder output; a 1x1 conv maps it to embedding_dim
     embedding_dim: int = Field(64, ge=1)
     num_embeddings: int = Field(512, ge=1)
+    activation: Literal["relu", "leaky_relu"] = "leaky_relu"  # slope 0.2 (model.LEAKY_SLOPE)
     # The encoder sees 2x - 1 (zero-centred) instead of x in [0, 1]: ~1 dB more in short runs.
     center_input: bool = True
     # A fresh run starts the decoder's output bias at the logit of the training images' mean,
@@ -71,6 +72,9 @@ class TrainConfig(_Strict):
     # Health check: a run whose validation PSNR ends less than this many dB above the
     # mean-image baseline fails, and its checkpoint is marked unhealthy. None: no check.
     min_gain_over_baseline_db: float | None = Field(3.0, ge=0)
+    # Adam's (beta1, beta2): a second moment that forgets in ~20 steps instead of ~1000
+    # follows the fast-changing gradients of a short run (0.2 dB on CIFAR-10 in 220 steps).
+    adam_betas: tuple[float, float] = (0.9, 0.95)
 
 
 class Config(_Strict):
@@ -101,10 +105,12 @@ def apply_overrides(raw: dict[str, Any], dotted: dict[str, Any]) -> dict[str, An
 #: What configs written before a key existed meant by leaving it out: a checkpoint from an
 #: older vqtok loads (and encodes) exactly as it was trained.
 LEGACY_DEFAULTS: dict[str, Any] = {
+    "model.activation": "relu",
     "model.center_input": False,
     "model.init_output_bias": False,
     "quantizer.warmup_steps": 0,
     "train.min_gain_over_baseline_db": None,
+    "train.adam_betas": [0.9, 0.999],
 }
 
 

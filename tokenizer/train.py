@@ -210,7 +210,8 @@ def _check_finite(model: VQVAE, step: int, checkpoint: Path, saved_step: int | N
             )
 
 
-RESUME_MUST_MATCH = ("seed", "data", "model", "quantizer", "train.batch_size", "train.lr")
+RESUME_MUST_MATCH = ("seed", "data", "model", "quantizer", "train.batch_size", "train.lr",
+                     "train.adam_betas")
 
 
 def _config_mismatch(stored: dict[str, Any], current: Config) -> str | None:
@@ -261,6 +262,12 @@ def _global_mean(value: torch.Tensor) -> float:
         return float(value)
     total = dist.all_reduce_sum_(value.detach().float().reshape(1).clone())
     return float(total) / dist.world_size()
+
+
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters (an EMA codebook is a buffer, not among them)."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                            lr=config.train.lr, betas=config.train.adam_betas)
 
 
 def warmup_steps(config: Config, steps_per_epoch: int) -> int:
@@ -327,8 +334,7 @@ def train(
 
     torch.manual_seed(config.seed)
     model = accel.prepare(build_model(config, source.channels))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
-                                 lr=config.train.lr)
+    optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_ids) / config.train.batch_size)
     warmup = warmup_steps(config, steps_per_epoch)
     total_steps = steps_per_epoch * config.train.epochs
