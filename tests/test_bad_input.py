@@ -304,6 +304,14 @@ def test_bad_configs_name_the_key(tmp_path, text, expected):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_binary_config_is_not_text(tmp_path):
+    config = tmp_path / "model.yaml"
+    config.write_bytes(bytes(range(256)))
+    assert fails("train", "--config", config, "--out", tmp_path / "o", code=2) == (
+        f"{config}: not a text file (not UTF-8); pass a YAML config")
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_option_values_are_one_line_usage_errors(kit, tmp_path):
     file = tmp_path / "file.txt"
     file.write_text("x")

@@ -172,3 +172,19 @@ def test_prior_errors_are_one_line(tmp_path, run):
     assert result.exit_code == 2
     assert result.output.strip() == f"error: {bad}: unknown key 'train.stpes'; remove it or " \
                                      "fix its spelling"
+    binary = tmp_path / "prior.bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    result = CliRunner().invoke(main, ["prior", "train", "--tokens", str(run / "tokens.parquet"),
+                                       "--out", str(tmp_path / "p"), "--config", str(binary)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {binary}: not a text file (not UTF-8); pass a "
+                                     "YAML config")
+    heads = tmp_path / "heads.yaml"
+    heads.write_text("model:\n  d_model: 30\n  n_heads: 4\n")
+    result = CliRunner().invoke(main, ["prior", "train", "--tokens", str(run / "tokens.parquet"),
+                                       "--out", str(tmp_path / "p"), "--config", str(heads)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {heads}: section 'model': d_model 30 is not "
+                                     "divisible by n_heads 4; choose a width that is a multiple "
+                                     "of the heads")
+    assert not (tmp_path / "p").exists()

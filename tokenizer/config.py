@@ -136,6 +136,8 @@ def _describe(error: ValidationError, source: str) -> str:
     key = ".".join(str(p) for p in first["loc"]) or "<top level>"
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'; remove it or fix its spelling"
+    if first["type"] == "value_error":  # a rule across keys (a model_validator)
+        return f"{source}: section '{key}': {first['ctx']['error']}"
     return f"{source}: key '{key}': {first['msg']} (got {first.get('input')!r})"
 
 
@@ -151,15 +153,19 @@ def _to_json(raw: dict[str, Any]) -> str:
     return json.dumps(raw)
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Config from a YAML file; ``None`` gives the defaults (the bundled sample)."""
-    if path is None:
-        return Config()
+def read_yaml_mapping(path: str | Path, missing_hint: str) -> dict[str, Any] | None:
+    """A YAML config file's top-level mapping (None when empty), or one ConfigError line:
+    missing file, not text, not YAML (with line and column), not a mapping. Every config
+    loader reads its file through here."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a YAML file from configs/")
+        raise ConfigError(f"config file {path} does not exist; {missing_hint}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); pass a YAML config") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -167,4 +173,12 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(f"{path}: not valid YAML{where} ({problem})") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Config from a YAML file; ``None`` gives the defaults (the bundled sample)."""
+    if path is None:
+        return Config()
+    raw = read_yaml_mapping(path, "pass a YAML file from configs/")
     return parse_config(raw, source=str(path))

@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
-from .config import ConfigError, _describe, _Strict, apply_overrides
+from .config import ConfigError, _describe, _Strict, apply_overrides, read_yaml_mapping
 
 
 class PriorShape(_Strict):
@@ -30,6 +29,13 @@ class PriorModelConfig(_Strict):
     n_layers: int = Field(4, ge=1)
     n_heads: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> PriorModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads "
+                             f"{self.n_heads}; choose a width that is a multiple of the heads")
+        return self
 
 
 class PriorTrainConfig(_Strict):
@@ -70,13 +76,5 @@ def load_prior_config(path: str | Path | None) -> PriorConfig:
     """Prior config from a YAML file; ``None`` gives the defaults."""
     if path is None:
         return PriorConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"prior config {path} does not exist; pass a YAML file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with seed / model / train")
+    raw = read_yaml_mapping(path, "pass a YAML file with seed / model / train")
     return parse_prior_config(raw, source=str(path))
