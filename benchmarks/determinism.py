@@ -20,20 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tokenizer import load_tokenizer, open_source  # noqa: E402
-from tokenizer.checkpoint import read_checkpoint_meta  # noqa: E402
-from tokenizer.config import DataConfig  # noqa: E402
-from tokenizer.encode import encode_ids  # noqa: E402
-from tokenizer.quantizer import nearest_code  # noqa: E402
+from vqtok.tokenizer import load_tokenizer, open_source
+from vqtok.tokenizer.checkpoint import read_checkpoint_meta
+from vqtok.tokenizer.config import DataConfig
+from vqtok.tokenizer.encode import encode_ids
+from vqtok.tokenizer.quantizer import nearest_code
 
 REFERENCE = 256
 

@@ -8,6 +8,10 @@ CLI and their mean is the reference, so drift in machine load shows up as their 
     python benchmarks/encode_throughput.py --data-root ../shared/data/mnist \
         --checkpoint runs/quality/checkpoint --out runs/encode-bench
 
+With ``--cluster local:2`` (or a scheduler address) the same encode runs a second time on
+that Dask cluster, right after the single-process one, and the table adds its rate and its
+ratio to the single-process run (on a 2-core machine the point is the cluster's overhead).
+
 Reported: the flow's own rate (its timer spans planning, reading, encoding, writing and the
 manifest) and the whole command's wall clock (adds Python imports and Prefect's temporary
 server start). Last line: one JSON object, also written to OUT/encode_throughput.json.
@@ -26,13 +30,10 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tokenizer import load_tokenizer, save_checkpoint  # noqa: E402
-from tokenizer.checkpoint import build_model  # noqa: E402
-from tokenizer.config import Config, DataConfig  # noqa: E402
-from tokenizer.data import open_source  # noqa: E402
+from vqtok.tokenizer import load_tokenizer, save_checkpoint
+from vqtok.tokenizer.checkpoint import build_model
+from vqtok.tokenizer.config import Config, DataConfig
+from vqtok.tokenizer.data import open_source
 
 TARGET = 0.85
 
@@ -46,13 +47,16 @@ def bare_loop(model, images: torch.Tensor, batch_size: int) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
-def cli_encode(checkpoint: Path, data_root: str, out: Path, batch_size: int) -> dict:
+def cli_encode(checkpoint: Path, data_root: str, out: Path, batch_size: int,
+               cluster: str | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     command = [str(Path(sys.executable).parent / "tokenize-dataset"), "encode",
                "--checkpoint", str(checkpoint), "--dataset", "mnist", "--data-root", data_root,
                "--out", str(out), "--format", "both", "--batch-size", str(batch_size), "--quiet"]
+    if cluster:
+        command += ["--cluster", cluster]
     if not Path(command[0]).exists():
-        command[:1] = [sys.executable, "-m", "flows.cli"]
+        command[:1] = [sys.executable, "-m", "vqtok.flows.cli"]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(),
                           cwd=Path(__file__).resolve().parent.parent)
@@ -74,6 +78,8 @@ def main() -> None:
                         "(speed does not depend on the weights)")
     parser.add_argument("--out", default="runs/encode-bench")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--cluster", help="also encode on this Dask cluster (local:N or "
+                        "tcp://HOST:PORT) and compare with the single-process run")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +99,13 @@ def main() -> None:
     cli = cli_encode(checkpoint, data_root, out / "run", args.batch_size)
     print(f"tokenize-dataset encode: flow {cli['flow_images_per_second']:.0f} img/s, "
           f"command wall clock {cli['wall_seconds']:.1f} s", flush=True)
+    dask = None
+    if args.cluster:
+        dask = cli_encode(checkpoint, data_root, out / "run-cluster", args.batch_size,
+                          args.cluster)
+        print(f"tokenize-dataset encode --cluster {args.cluster}: flow "
+              f"{dask['flow_images_per_second']:.0f} img/s, command wall clock "
+              f"{dask['wall_seconds']:.1f} s", flush=True)
     bare_after = bare_loop(model, images, args.batch_size)
     print(f"bare model.encode loop: {bare_after:.0f} img/s", flush=True)
 
@@ -109,12 +122,30 @@ def main() -> None:
         "ratio_command_vs_bare": round(cli["wall_images_per_second"] / bare, 3),
         "target": TARGET,
     }
+    if dask:
+        result["cluster"] = {
+            "spec": args.cluster,
+            "flow_images_per_second": dask["flow_images_per_second"],
+            "command_wall_seconds": round(dask["wall_seconds"], 2),
+            "command_images_per_second": round(dask["wall_images_per_second"], 1),
+            "ratio_flow_vs_single": round(dask["flow_images_per_second"]
+                                          / cli["flow_images_per_second"], 3),
+            "ratio_command_vs_single": round(dask["wall_images_per_second"]
+                                             / cli["wall_images_per_second"], 3),
+        }
     print(f"\n{'measure':<34}{'img/s':>10}{'x bare':>9}")
     print(f"{'bare model.encode (mean)':<34}{bare:>10.0f}{1.0:>9.2f}")
     print(f"{'encode flow (read+encode+write)':<34}{cli['flow_images_per_second']:>10.0f}"
           f"{result['ratio_flow_vs_bare']:>9.2f}")
     print(f"{'whole command incl. start-up':<34}{cli['wall_images_per_second']:>10.0f}"
           f"{result['ratio_command_vs_bare']:>9.2f}")
+    if dask:
+        cluster = result["cluster"]
+        print(f"\n{'--cluster ' + args.cluster:<34}{'img/s':>10}{'x single':>9}")
+        print(f"{'encode flow':<34}{cluster['flow_images_per_second']:>10.0f}"
+              f"{cluster['ratio_flow_vs_single']:>9.2f}")
+        print(f"{'whole command incl. start-up':<34}{cluster['command_images_per_second']:>10.0f}"
+              f"{cluster['ratio_command_vs_single']:>9.2f}")
     (out / "encode_throughput.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
 

@@ -19,21 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tokenizer import load_tokenizer  # noqa: E402
-from tokenizer.accel import Accel, encode_batch_size  # noqa: E402
-from tokenizer.checkpoint import build_model  # noqa: E402
-from tokenizer.config import Config, DataConfig  # noqa: E402
-from tokenizer.data import iterate_id_batches, open_source, split_batches  # noqa: E402
-from tokenizer.encode import encode_ids  # noqa: E402
-from tokenizer.train import resolve_device  # noqa: E402
+from vqtok.tokenizer import load_tokenizer
+from vqtok.tokenizer.accel import Accel, encode_batch_size
+from vqtok.tokenizer.checkpoint import build_model
+from vqtok.tokenizer.config import Config, DataConfig
+from vqtok.tokenizer.data import iterate_id_batches, open_source, split_batches
+from vqtok.tokenizer.encode import encode_ids
+from vqtok.tokenizer.train import resolve_device
 
 
 def _sync(device: torch.device) -> None:

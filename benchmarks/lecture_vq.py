@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from tokenizer.quantizer import QuantizerOutput
+from vqtok.tokenizer.quantizer import QuantizerOutput
 
 
 class LectureQuantizer(nn.Module):

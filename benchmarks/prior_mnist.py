@@ -35,16 +35,13 @@ import torch
 from PIL import Image
 from torch import nn
 from torchvision.utils import make_grid
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from flows.prior_flow import prior_data_meta  # noqa: E402
-from storage import TokenDataset, load_grid  # noqa: E402
-from tokenizer import load_tokenizer, open_source  # noqa: E402
-from tokenizer.config import DataConfig  # noqa: E402
-from tokenizer.prior_checkpoint import load_prior  # noqa: E402
-from tokenizer.prior_config import PriorConfig  # noqa: E402
-from tokenizer.prior_train import evaluate_prior, stack_dataset, train_prior  # noqa: E402
+from vqtok.flows.prior_flow import prior_data_meta
+from vqtok.storage import TokenDataset, load_grid
+from vqtok.tokenizer import load_tokenizer, open_source
+from vqtok.tokenizer.config import DataConfig
+from vqtok.tokenizer.prior_checkpoint import load_prior
+from vqtok.tokenizer.prior_config import PriorConfig
+from vqtok.tokenizer.prior_train import evaluate_prior, stack_dataset, train_prior
 
 TARGETS = {"nll_vs_unigram": 0.6, "class_accuracy": 0.8}
 # The prior's defaults (tokenizer/prior_config.py): d_model 128, 4 layers, 4 heads, batch 128,
@@ -59,7 +56,7 @@ def encode_tokens(checkpoint: str, data_root: str, tokens: Path) -> None:
     if tokens.name != "tokens":
         raise SystemExit(f"--tokens {tokens} does not exist; name it RUN/tokens to encode there")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    subprocess.run([sys.executable, "-m", "flows.cli", "encode", "--checkpoint", checkpoint,
+    subprocess.run([sys.executable, "-m", "vqtok.flows.cli", "encode", "--checkpoint", checkpoint,
                     "--dataset", "mnist", "--data-root", data_root, "--out", str(tokens.parent),
                     "--format", "parquet", "--quiet"], check=True, env=env)
 

@@ -31,9 +31,8 @@ from quality_common import (
     training_mean,
     worst,
 )
-
-from tokenizer.config import Config, load_config
-from tokenizer.data import open_source
+from vqtok.tokenizer.config import Config, load_config
+from vqtok.tokenizer.data import open_source
 
 TARGETS = {"usage": 0.98, "psnr": 23.0}
 

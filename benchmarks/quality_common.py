@@ -18,13 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 from lecture_vq import LectureQuantizer
-
-from tokenizer.checkpoint import build_model
-from tokenizer.config import Config
-from tokenizer.data import ImageSource
-from tokenizer.health import mean_image
-from tokenizer.stats import code_histogram, psnr, usage_summary
-from tokenizer.train import make_optimizer, start_fresh, warmup_steps
+from vqtok.tokenizer.checkpoint import build_model
+from vqtok.tokenizer.config import Config
+from vqtok.tokenizer.data import ImageSource
+from vqtok.tokenizer.health import mean_image
+from vqtok.tokenizer.stats import code_histogram, psnr, usage_summary
+from vqtok.tokenizer.train import make_optimizer, start_fresh, warmup_steps
 
 
 def parse_seeds(text: str) -> list[int]:

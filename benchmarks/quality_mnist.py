@@ -32,11 +32,10 @@ from quality_common import (
     training_mean,
     worst,
 )
-
-from tokenizer.checkpoint import save_checkpoint
-from tokenizer.config import Config, load_config
-from tokenizer.data import open_source
-from tokenizer.visualize import save_reconstruction_grid
+from vqtok.tokenizer.checkpoint import save_checkpoint
+from vqtok.tokenizer.config import Config, load_config
+from vqtok.tokenizer.data import open_source
+from vqtok.tokenizer.visualize import save_reconstruction_grid
 
 TARGETS = {"usage": 0.98, "perplexity": 100.0, "psnr": 24.5, "time_ratio": 1.3}
 

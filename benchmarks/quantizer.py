@@ -50,11 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.lecture_vq import LectureQuantizer  # noqa: E402
-from tokenizer.quantizer import CPU_BLOCK_BYTES, CPU_MIN_BLOCK_ROWS, VectorQuantizer  # noqa: E402
+from lecture_vq import LectureQuantizer
+from vqtok.tokenizer.quantizer import CPU_BLOCK_BYTES, CPU_MIN_BLOCK_ROWS, VectorQuantizer
 
 CANDIDATES = ("limit", "vqtok-noema", "vqtok-ema", "lecture", "vqlib")
 LABELS = {

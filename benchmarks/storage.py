@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,13 +30,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from storage import HDF5TokenWriter, ParquetTokenWriter, TokenMeta, load_grid  # noqa: E402
-from storage.hdf5_writer import DEFAULT_GZIP_LEVEL  # noqa: E402
-from storage.parquet_schema import CODES_LEAF  # noqa: E402
-from storage.parquet_writer import (  # noqa: E402
+from vqtok.storage import HDF5TokenWriter, ParquetTokenWriter, TokenMeta, load_grid
+from vqtok.storage.hdf5_writer import DEFAULT_GZIP_LEVEL
+from vqtok.storage.parquet_schema import CODES_LEAF
+from vqtok.storage.parquet_writer import (
     DEFAULT_ROW_GROUP_TOKENS,
     DEFAULT_ZSTD_LEVEL,
     parquet_write_options,

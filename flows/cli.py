@@ -28,9 +28,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 def _known_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """(usage errors -> exit 2, failures -> exit 1); imported late to keep --help fast."""
-    from flows.runtime import PipelineError
-    from storage import TokenStoreError
-    from tokenizer import CheckpointError, ConfigError, DataError, TrainingError
+    from vqtok.flows.runtime import PipelineError
+    from vqtok.storage import TokenStoreError
+    from vqtok.tokenizer import CheckpointError, ConfigError, DataError, TrainingError
 
     failures = (DataError, CheckpointError, TrainingError, TokenStoreError, PipelineError, OSError)
     return (ConfigError,), failures
@@ -75,7 +75,7 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                            "shards and checkpoints are kept)", err=True)
                 sys.exit(INTERRUPTED_EXIT)
             if isinstance(exc, OSError):
-                from flows.errors import describe_os_error
+                from vqtok.flows.errors import describe_os_error
 
                 message = describe_os_error(exc)
             else:
@@ -153,7 +153,7 @@ def out_option(default: str, help_text: str) -> Callable[..., Any]:
 
 
 def build_config(config_path: str | None, **overrides: Any) -> Any:
-    from tokenizer import load_config
+    from vqtok.tokenizer import load_config
 
     keys = {"dataset": "data.dataset", "data_root": "data.data_root", "device": "train.device",
             "batch_size": "train.batch_size", "seed": "seed", "epochs": "train.epochs",
@@ -165,8 +165,8 @@ def build_config(config_path: str | None, **overrides: Any) -> Any:
 def _encode_data(checkpoint: str, dataset: str | None, data_root: str | None,
                  config_path: str | None) -> dict[str, Any]:
     """The checkpoint's data config, changed by --config / --dataset / --data-root."""
-    from flows.runtime import checkpoint_config
-    from tokenizer import load_config
+    from vqtok.flows.runtime import checkpoint_config
+    from vqtok.tokenizer import load_config
 
     data = (load_config(config_path) if config_path else checkpoint_config(checkpoint)[0]).data
     changes = {k: v for k, v in (("dataset", dataset), ("data_root", data_root)) if v}
@@ -175,7 +175,7 @@ def _encode_data(checkpoint: str, dataset: str | None, data_root: str | None,
 
 def _check_out(out: str | Path) -> None:
     """An output folder that cannot take files fails now, not after hours of work."""
-    from flows.errors import check_writable
+    from vqtok.flows.errors import check_writable
 
     check_writable(out)
 
@@ -183,35 +183,35 @@ def _check_out(out: str | Path) -> None:
 def _check_model(checkpoint: str, device: str | None) -> None:
     """Load the weights up front (the flows reuse them from the cache): a truncated or
     mismatched checkpoint fails before any Prefect machinery starts."""
-    from flows.runtime import cached_model
+    from vqtok.flows.runtime import cached_model
 
     cached_model(checkpoint, device or "auto")
 
 
 def _check_checkpoint(checkpoint: str) -> dict[str, Any]:
     """Fail in a second, before a Prefect server starts, on a path that is no checkpoint."""
-    from tokenizer.checkpoint import read_checkpoint_meta
+    from vqtok.tokenizer.checkpoint import read_checkpoint_meta
 
     return read_checkpoint_meta(checkpoint)
 
 
 def _check_healthy(checkpoint: str, force: bool) -> None:
     """A checkpoint its training marked unhealthy is refused now, unless --force."""
-    from tokenizer.health import require_healthy
+    from vqtok.tokenizer.health import require_healthy
 
     require_healthy(_check_checkpoint(checkpoint), force)
 
 
 def _check_data(data: Any) -> None:
     """Open the dataset up front (flows reuse it from the cache): bad input fails at once."""
-    from flows.runtime import cached_source
-    from tokenizer.config import DataConfig
+    from vqtok.flows.runtime import cached_source
+    from vqtok.tokenizer.config import DataConfig
 
     cached_source(data if isinstance(data, DataConfig) else DataConfig.model_validate(data))
 
 
 def _check_tokens_match(tokens: str, checkpoint: str) -> None:
-    from storage import read_meta
+    from vqtok.storage import read_meta
 
     meta = read_meta(tokens)
     meta.check_tokenizer(_check_checkpoint(checkpoint)["weights_sha256"], where=tokens)
@@ -245,12 +245,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 def train(config_path: str | None, out: str, quiet: bool, nproc: int,
           **overrides: Any) -> None:
     """Train the tokenizer; writes OUT/checkpoint and OUT/reconstructions.png."""
-    from flows.train_flow import train_flow
+    from vqtok.flows.train_flow import train_flow
 
     config = build_config(config_path, **overrides)
     _check_data(config.data)
     _check_out(out)
-    from tokenizer.health import UNHEALTHY, quality_line
+    from vqtok.tokenizer.health import UNHEALTHY, quality_line
 
     result = train_flow(config.model_dump(), out, not quiet, nproc)
     picture = write_reconstructions(Path(result["checkpoint"]), config,
@@ -275,9 +275,8 @@ def train(config_path: str | None, out: str, quiet: bool, nproc: int,
 def write_reconstructions(checkpoint: Path, config: Any, path: Path, count: int = 32) -> Path:
     """Validation images above their reconstructions, for a quick look at quality."""
     import torch
-
-    from tokenizer import load_tokenizer, open_source
-    from tokenizer.visualize import save_reconstruction_grid
+    from vqtok.tokenizer import load_tokenizer, open_source
+    from vqtok.tokenizer.visualize import save_reconstruction_grid
 
     model = load_tokenizer(checkpoint)
     source = open_source(config.data)
@@ -306,8 +305,8 @@ def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
 
     Without --batch-size: 256 on CPU, the largest power of two that fits on a GPU.
     """
-    from flows.dask_cluster import runner_options
-    from flows.encode_flow import encode_flow
+    from vqtok.flows.dask_cluster import runner_options
+    from vqtok.flows.encode_flow import encode_flow
 
     if not checkpoint:
         raise click.UsageError("encode needs --checkpoint (a folder written by 'train')")
@@ -332,9 +331,9 @@ def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
 @friendly_errors
 def stats(tokens: str | None, out: str) -> None:
     """Codebook usage of a token store: stats.json, usage.png, position_entropy.png."""
-    from flows.runtime import RunPaths
-    from flows.stats_flow import stats_flow
-    from storage import read_meta
+    from vqtok.flows.runtime import RunPaths
+    from vqtok.flows.stats_flow import stats_flow
+    from vqtok.storage import read_meta
 
     paths = RunPaths(Path(out))
     read_meta(tokens or paths.tokens)  # a missing or damaged store fails before Prefect starts
@@ -358,7 +357,7 @@ def stats(tokens: str | None, out: str) -> None:
 def decode(tokens: str, checkpoint: str | None, out: str, split: str | None, limit: int,
            device: str | None) -> None:
     """Decode a token file with the tokenizer that made it (others are refused)."""
-    from flows.decode_flow import decode_flow
+    from vqtok.flows.decode_flow import decode_flow
 
     if not checkpoint:
         raise click.UsageError("decode needs --checkpoint (the tokenizer that made the tokens)")
@@ -366,7 +365,7 @@ def decode(tokens: str, checkpoint: str | None, out: str, split: str | None, lim
     _check_model(checkpoint, device)
     _check_out(out)
     result = decode_flow(tokens, checkpoint, out, split, limit, device=device or "auto")
-    from tokenizer.health import quality_line
+    from vqtok.tokenizer.health import quality_line
 
     line = f"decoded {result['images']} images -> {result['picture']}"
     if "psnr" in result:
@@ -386,8 +385,8 @@ def run(config_path: str | None = None, out: str = "runs/demo", checkpoint: str 
         fmt: str = "both", shard_size: int = 10_000, quiet: bool = False, force: bool = False,
         **overrides: Any) -> None:
     """Train (unless --checkpoint), encode, compute stats and decode, then print a summary."""
-    from flows.pipeline import tokenize_dataset
-    from flows.summary import print_summary
+    from vqtok.flows.pipeline import tokenize_dataset
+    from vqtok.flows.summary import print_summary
 
     batch = overrides.pop("batch_size", None)
     config = build_config(config_path, **overrides)
@@ -410,7 +409,7 @@ def run(config_path: str | None = None, out: str = "runs/demo", checkpoint: str 
 @friendly_errors
 def info(path: str) -> None:
     """Describe a token file/folder or a checkpoint."""
-    from flows.summary import describe
+    from vqtok.flows.summary import describe
 
     click.echo(describe(Path(path)))
 
@@ -425,7 +424,7 @@ def info(path: str) -> None:
 def serve(config_path: str | None, checkpoint: str | None, fmt: str, shard_size: int, out: str,
           cron: str, name: str, force: bool) -> None:
     """Serve the pipeline on a schedule (blocks; needs a Prefect server, see the README)."""
-    from flows.pipeline import tokenize_dataset
+    from vqtok.flows.pipeline import tokenize_dataset
 
     if checkpoint:  # a scheduled run at 3 a.m. is the wrong moment to learn of a typo
         _check_healthy(checkpoint, force)
@@ -441,7 +440,7 @@ def serve_parameters(config: Any, checkpoint: str | None, formats: list[str], sh
             "formats": formats, "shard_size": shard_size, "progress": False, "force": force}
 
 
-from flows.cli_prior import prior  # noqa: E402 - registered after main exists
+from vqtok.flows.cli_prior import prior  # noqa: E402 - registered after main exists
 
 main.add_command(prior)
 

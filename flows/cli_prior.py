@@ -19,7 +19,7 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from flows.cli import friendly_errors
+        from vqtok.flows.cli import friendly_errors
 
         return friendly_errors(command)(*args, **kwargs)
 
@@ -62,9 +62,9 @@ OVERRIDES = {"seed": "seed", "d_model": "model.d_model", "layers": "model.n_laye
 def train(tokens: str, out: str, config_path: str | None, train_split: str,
           heldout_split: str | None, **overrides: Any) -> None:
     """Train (or resume) a prior on a token store; reports held-out bits per token."""
-    from flows.prior_flow import prior_train_flow
-    from storage import read_meta
-    from tokenizer.prior_config import load_prior_config
+    from vqtok.flows.prior_flow import prior_train_flow
+    from vqtok.storage import read_meta
+    from vqtok.tokenizer.prior_config import load_prior_config
 
     config = load_prior_config(config_path).with_overrides(
         **{OVERRIDES[k]: v for k, v in overrides.items()})
@@ -99,9 +99,9 @@ def train(tokens: str, out: str, config_path: str | None, train_split: str,
 def sample(prior_path: str, out: str, n: int, label: int | None, temperature: float,
            top_k: int | None, seed: int, checkpoint: str | None, device: str) -> None:
     """Sample token grids from a prior into a token file, and decode them to a PNG."""
-    from flows.prior_flow import prior_sample_flow
-    from tokenizer.checkpoint import read_checkpoint_meta
-    from tokenizer.prior_checkpoint import read_prior_meta
+    from vqtok.flows.prior_flow import prior_sample_flow
+    from vqtok.tokenizer.checkpoint import read_checkpoint_meta
+    from vqtok.tokenizer.prior_checkpoint import read_prior_meta
 
     meta = read_prior_meta(prior_path)  # fail before Prefect starts
     classes = meta["shape"]["num_classes"]

@@ -17,15 +17,14 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from torchvision.utils import save_image
-
-from flows.retry import retry_on_io_error
-from flows.runtime import PipelineError, cached_model, cached_source
-from storage import load_grid, read_meta
-from tokenizer.config import DataConfig
-from tokenizer.data import DataError
-from tokenizer.health import quality_line
-from tokenizer.stats import psnr
-from tokenizer.visualize import save_reconstruction_grid
+from vqtok.flows.retry import retry_on_io_error
+from vqtok.flows.runtime import PipelineError, cached_model, cached_source
+from vqtok.storage import load_grid, read_meta
+from vqtok.tokenizer.config import DataConfig
+from vqtok.tokenizer.data import DataError
+from vqtok.tokenizer.health import quality_line
+from vqtok.tokenizer.stats import psnr
+from vqtok.tokenizer.visualize import save_reconstruction_grid
 
 DECODE_BATCH = 256
 

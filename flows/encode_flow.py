@@ -22,17 +22,16 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-
-from flows.errors import located
-from flows.progress import image_progress
-from flows.retry import retry_on_io_error
-from flows.runtime import RunPaths, cached_model, cached_source, checkpoint_config, token_meta
-from storage import ShardedTokenStore, ShardSpec, TokenMeta
-from tokenizer.accel import Accel, encode_batch_size
-from tokenizer.config import DataConfig
-from tokenizer.encode import encode_ids
-from tokenizer.faults import pause_point
-from tokenizer.health import require_healthy
+from vqtok.flows.errors import located
+from vqtok.flows.progress import image_progress
+from vqtok.flows.retry import retry_on_io_error
+from vqtok.flows.runtime import RunPaths, cached_model, cached_source, checkpoint_config, token_meta
+from vqtok.storage import ShardedTokenStore, ShardSpec, TokenMeta
+from vqtok.tokenizer.accel import Accel, encode_batch_size
+from vqtok.tokenizer.config import DataConfig
+from vqtok.tokenizer.encode import encode_ids
+from vqtok.tokenizer.faults import pause_point
+from vqtok.tokenizer.health import require_healthy
 
 DEFAULT_FORMATS = ("parquet", "hdf5")
 DEFAULT_SHARD_SIZE = 10_000
@@ -107,17 +106,20 @@ def finalize_store(out: str, meta: dict[str, Any], shard_size: int, formats: lis
 
 
 @flow(name="encode-shards-on-dask")
-def encode_shards_on_dask(calls: list[dict[str, Any]], progress: bool = True) -> list[dict]:
-    """Submit every shard at once (run with a ``DaskTaskRunner``) and wait for all of them."""
-    from prefect.futures import as_completed
+def encode_shards_on_dask(calls: list[dict[str, Any]], cluster: str,
+                          progress: bool = True) -> list[dict]:
+    """Submit every shard at once (run with a ``DaskTaskRunner``) and wait for all of them,
+    failing fast on workers that cannot import vqtok, keep dying or are all gone."""
+    from prefect.context import FlowRunContext
+    from vqtok.flows.dask_cluster import check_workers, wait_for_all
 
+    client = FlowRunContext.get().task_runner.client
+    check_workers(client, cluster)
     futures = [encode_shard.with_options(refresh_cache=call["refresh"]).submit(**call["args"])
                for call in calls]
     total = sum(call["rows"] for call in calls)
     with image_progress("encode (Dask)", total, enabled=progress) as advance:
-        for future in as_completed(futures):
-            advance(future.result()["rows"])
-    return [future.result() for future in futures]
+        return wait_for_all(futures, client, cluster, lambda result: advance(result["rows"]))
 
 
 @flow(name="encode")
@@ -146,8 +148,7 @@ def encode_flow(
     runner = None
     if cluster:
         from prefect.context import FlowRunContext
-
-        from flows.dask_cluster import dask_task_runner
+        from vqtok.flows.dask_cluster import dask_task_runner
 
         context = FlowRunContext.get()
         api_url = str(context.client.api_url) if context and context.client else None
@@ -185,7 +186,7 @@ def encode_flow(
     if runner is not None:
         logger.info(f"encoding {len(calls)} shards on Dask cluster {cluster}")
         outcomes = encode_shards_on_dask.with_options(task_runner=runner)(
-            [{k: c[k] for k in ("refresh", "rows", "args")} for c in calls], progress)
+            [{k: c[k] for k in ("refresh", "rows", "args")} for c in calls], cluster, progress)
     else:
         outcomes = [encode_shard.with_options(refresh_cache=c["refresh"])(**c["args"])
                     for c in calls]

@@ -8,14 +8,13 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-
-from flows.decode_flow import decode_flow
-from flows.encode_flow import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, encode_flow
-from flows.runtime import RunPaths, cached_source, checkpoint_config
-from flows.stats_flow import stats_flow
-from flows.train_flow import train_flow
-from tokenizer.config import parse_config
-from tokenizer.health import quality_line
+from vqtok.flows.decode_flow import decode_flow
+from vqtok.flows.encode_flow import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, encode_flow
+from vqtok.flows.runtime import RunPaths, cached_source, checkpoint_config
+from vqtok.flows.stats_flow import stats_flow
+from vqtok.flows.train_flow import train_flow
+from vqtok.tokenizer.config import parse_config
+from vqtok.tokenizer.health import quality_line
 
 
 def _validation_split(config: Any) -> str | None:

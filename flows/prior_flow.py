@@ -15,15 +15,14 @@ import numpy as np
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-
-from flows.decode_flow import decode_flow
-from flows.runtime import PipelineError
-from storage import ParquetTokenWriter, TokenDataset, TokenMeta, load_grid
-from tokenizer.checkpoint import CheckpointError, read_checkpoint_meta
-from tokenizer.prior_checkpoint import load_prior, read_prior_meta
-from tokenizer.prior_config import parse_prior_config
-from tokenizer.prior_train import train_prior
-from tokenizer.train import resolve_device
+from vqtok.flows.decode_flow import decode_flow
+from vqtok.flows.runtime import PipelineError
+from vqtok.storage import ParquetTokenWriter, TokenDataset, TokenMeta, load_grid
+from vqtok.tokenizer.checkpoint import CheckpointError, read_checkpoint_meta
+from vqtok.tokenizer.prior_checkpoint import load_prior, read_prior_meta
+from vqtok.tokenizer.prior_config import parse_prior_config
+from vqtok.tokenizer.prior_train import train_prior
+from vqtok.tokenizer.train import resolve_device
 
 HELDOUT_SPLITS = ("validation", "test")
 SAMPLE_SPLIT = "sample"

@@ -13,12 +13,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from storage import TokenMeta
-from tokenizer import VQVAE, __version__, load_tokenizer
-from tokenizer.checkpoint import read_checkpoint_meta, stored_config
-from tokenizer.config import Config, DataConfig
-from tokenizer.data import ImageSource, open_source
-from tokenizer.train import resolve_device
+from vqtok.storage import TokenMeta
+from vqtok.tokenizer import VQVAE, __version__, load_tokenizer
+from vqtok.tokenizer.checkpoint import read_checkpoint_meta, stored_config
+from vqtok.tokenizer.config import Config, DataConfig
+from vqtok.tokenizer.data import ImageSource, open_source
+from vqtok.tokenizer.train import resolve_device
 
 
 class PipelineError(RuntimeError):

@@ -9,12 +9,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-
-from flows.plots import plot_position_entropy, plot_sorted_usage
-from flows.retry import retry_on_io_error
-from storage import load_grid
-from tokenizer.health import quality_line
-from tokenizer.usage import usage_report
+from vqtok.flows.plots import plot_position_entropy, plot_sorted_usage
+from vqtok.flows.retry import retry_on_io_error
+from vqtok.storage import load_grid
+from vqtok.tokenizer.health import quality_line
+from vqtok.tokenizer.usage import usage_report
 
 
 @task(name="compute-stats", retries=1, retry_condition_fn=retry_on_io_error)

@@ -8,8 +8,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-
-from tokenizer.health import describe_health, quality_line
+from vqtok.tokenizer.health import describe_health, quality_line
 
 
 def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -52,7 +51,7 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
 def describe(path: Path) -> str:
     """A token store's metadata and row counts, a tokenizer checkpoint's config and progress,
     or a prior's size and held-out figures."""
-    from tokenizer.checkpoint import CheckpointError, read_checkpoint_meta
+    from vqtok.tokenizer.checkpoint import CheckpointError, read_checkpoint_meta
 
     try:
         meta = read_checkpoint_meta(path)
@@ -82,7 +81,7 @@ def describe(path: Path) -> str:
 
 def describe_tokens(path: Path) -> str:
     """A token store's metadata and row counts per split."""
-    from storage import load_grid, read_meta
+    from vqtok.storage import load_grid, read_meta
 
     token_meta = read_meta(path)
     grid = load_grid(path)
@@ -102,8 +101,8 @@ def describe_tokens(path: Path) -> str:
 
 
 def _prior_meta(path: Path) -> dict[str, Any] | None:
-    from tokenizer.checkpoint import CheckpointError
-    from tokenizer.prior_checkpoint import read_prior_meta
+    from vqtok.tokenizer.checkpoint import CheckpointError
+    from vqtok.tokenizer.prior_checkpoint import read_prior_meta
 
     try:
         return read_prior_meta(path)

@@ -7,11 +7,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-
-from tokenizer.config import parse_config
-from tokenizer.health import quality_line
-from tokenizer.launch import train_distributed
-from tokenizer.train import train
+from vqtok.tokenizer.config import parse_config
+from vqtok.tokenizer.health import quality_line
+from vqtok.tokenizer.launch import train_distributed
+from vqtok.tokenizer.train import train
 
 
 @task(name="train-tokenizer")

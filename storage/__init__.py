@@ -8,18 +8,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from storage.errors import TokenStoreError
-from storage.export import export_memmap
-from storage.grid import TokenGrid
-from storage.hdf5_writer import HDF5TokenWriter
-from storage.layout import ShardSpec
-from storage.meta import TokenMeta
-from storage.parquet_writer import ParquetTokenWriter
-from storage.reader import load_grid, read_meta, read_tokens
-from storage.sharded import ShardedTokenStore, ShardWriter
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.export import export_memmap
+from vqtok.storage.grid import TokenGrid
+from vqtok.storage.hdf5_writer import HDF5TokenWriter
+from vqtok.storage.layout import ShardSpec
+from vqtok.storage.meta import TokenMeta
+from vqtok.storage.parquet_writer import ParquetTokenWriter
+from vqtok.storage.reader import load_grid, read_meta, read_tokens
+from vqtok.storage.sharded import ShardedTokenStore, ShardWriter
 
 if TYPE_CHECKING:
-    from storage.dataset import TokenDataset
+    from vqtok.storage.dataset import TokenDataset
 
 __all__ = [
     "HDF5TokenWriter",
@@ -40,7 +40,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "TokenDataset":
-        from storage.dataset import TokenDataset
+        from vqtok.storage.dataset import TokenDataset
 
         return TokenDataset
     raise AttributeError(f"module 'storage' has no attribute {name!r}")

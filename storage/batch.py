@@ -6,9 +6,8 @@ import re
 from typing import Any, NamedTuple
 
 import numpy as np
-
-from storage.errors import TokenStoreError
-from storage.meta import TokenMeta
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.meta import TokenMeta
 
 #: Split names become folder names and HDF5 fixed-width strings: keep them short and plain.
 SPLIT_NAME_MAX_BYTES = 32

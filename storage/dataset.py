@@ -12,12 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-
-from storage.errors import TokenStoreError
-from storage.export import labels_path, read_sidecar
-from storage.grid import TokenGrid
-from storage.meta import TokenMeta
-from storage.reader import load_grid
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.export import labels_path, read_sidecar
+from vqtok.storage.grid import TokenGrid
+from vqtok.storage.meta import TokenMeta
+from vqtok.storage.reader import load_grid
 
 
 class TokenDataset(Dataset):

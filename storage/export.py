@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from storage.atomic import AtomicFile, write_json_atomic
-from storage.errors import TokenStoreError
-from storage.manifest import Manifest, load_shard
-from storage.reader import load_grid
+from vqtok.storage.atomic import AtomicFile, write_json_atomic
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.manifest import Manifest, load_shard
+from vqtok.storage.reader import load_grid
 
 SIDECAR_KIND = "vqtok-memmap-export"
 

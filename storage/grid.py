@@ -8,10 +8,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-
-from storage.batch import check_codes_range
-from storage.errors import TokenStoreError
-from storage.meta import TokenMeta
+from vqtok.storage.batch import check_codes_range
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.meta import TokenMeta
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,7 +70,7 @@ class TokenGrid:
 
     def to_arrow(self) -> pa.Table:
         """The same table the Parquet files hold, schema metadata included."""
-        from storage.parquet_schema import arrow_schema
+        from vqtok.storage.parquet_schema import arrow_schema
 
         schema = arrow_schema(self.meta)
         flat = np.ascontiguousarray(self.codes).reshape(-1)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
-from storage.errors import TokenStoreError
-from storage.grid import TokenGrid, check_grid, read_only
-from storage.meta import META_KEY, TokenMeta
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.grid import TokenGrid, check_grid, read_only
+from vqtok.storage.meta import META_KEY, TokenMeta
 
 _DATASETS = ("codes", "ids", "labels", "splits")
 

@@ -8,12 +8,11 @@ from typing import Any
 
 import h5py
 import numpy as np
-
-from storage.atomic import AtomicFile, PublishOnSuccess
-from storage.batch import SPLIT_NAME_MAX_BYTES, check_split_name, normalize_batch
-from storage.buffer import RowBuffer
-from storage.errors import TokenStoreError
-from storage.meta import META_KEY, TokenMeta
+from vqtok.storage.atomic import AtomicFile, PublishOnSuccess
+from vqtok.storage.batch import SPLIT_NAME_MAX_BYTES, check_split_name, normalize_batch
+from vqtok.storage.buffer import RowBuffer
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.meta import META_KEY, TokenMeta
 
 #: About 1k rows a chunk: big enough for gzip to find the skew, small enough to read a slice.
 DEFAULT_CHUNK_ROWS = 1024

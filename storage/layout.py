@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from storage.errors import TokenStoreError
+from vqtok.storage.errors import TokenStoreError
 
 TOKENS_DIR = "tokens"
 MANIFEST_NAME = "manifest.json"

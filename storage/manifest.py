@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.errors import TokenStoreError
-from storage.grid import TokenGrid
-from storage.hashing import sha256_file
-from storage.hdf5_reader import read_hdf5_grid
-from storage.layout import (
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.grid import TokenGrid
+from vqtok.storage.hashing import sha256_file
+from vqtok.storage.hdf5_reader import read_hdf5_grid
+from vqtok.storage.layout import (
     FORMATS,
     MANIFEST_KIND,
     MANIFEST_NAME,
@@ -18,8 +18,8 @@ from storage.layout import (
     read_json,
     resolve,
 )
-from storage.meta import TokenMeta
-from storage.parquet_reader import read_parquet_grid
+from vqtok.storage.meta import TokenMeta
+from vqtok.storage.parquet_reader import read_parquet_grid
 
 READERS = {"parquet": read_parquet_grid, "hdf5": read_hdf5_grid}
 

@@ -9,8 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-
-from storage.errors import TokenStoreError
+from vqtok.storage.errors import TokenStoreError
 
 #: Bumped when the on-disk layout changes in a way old readers cannot handle.
 STORAGE_FORMAT_VERSION = 1

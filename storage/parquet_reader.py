@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from storage.errors import TokenStoreError
-from storage.grid import TokenGrid, check_grid, read_only
-from storage.meta import TokenMeta
-from storage.parquet_schema import COLUMNS, meta_from_schema
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.grid import TokenGrid, check_grid, read_only
+from vqtok.storage.meta import TokenMeta
+from vqtok.storage.parquet_schema import COLUMNS, meta_from_schema
 
 
 def read_parquet_meta(path: str | os.PathLike[str]) -> TokenMeta:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pyarrow as pa
-
-from storage.errors import TokenStoreError
-from storage.meta import META_KEY, TokenMeta
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.meta import META_KEY, TokenMeta
 
 COLUMNS = ("id", "label", "split", "codes")
 #: Parquet path of the codes values inside the list column (Parquet's compliant LIST layout).

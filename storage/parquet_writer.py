@@ -9,13 +9,12 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from storage.atomic import AtomicFile, PublishOnSuccess
-from storage.batch import check_split_name, normalize_batch
-from storage.buffer import RowBuffer
-from storage.errors import TokenStoreError
-from storage.meta import TokenMeta
-from storage.parquet_schema import CODES_LEAF, arrow_schema, codes_type
+from vqtok.storage.atomic import AtomicFile, PublishOnSuccess
+from vqtok.storage.batch import check_split_name, normalize_batch
+from vqtok.storage.buffer import RowBuffer
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.meta import TokenMeta
+from vqtok.storage.parquet_schema import CODES_LEAF, arrow_schema, codes_type
 
 CodesEncoding = Literal["auto", "dictionary", "byte_stream_split", "plain"]
 

@@ -7,12 +7,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from storage.errors import TokenStoreError
-from storage.grid import TokenGrid, concat_grids
-from storage.hdf5_reader import read_hdf5_meta
-from storage.manifest import READERS, Manifest, load_shard
-from storage.meta import TokenMeta
-from storage.parquet_reader import read_parquet_meta
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.grid import TokenGrid, concat_grids
+from vqtok.storage.hdf5_reader import read_hdf5_meta
+from vqtok.storage.manifest import READERS, Manifest, load_shard
+from vqtok.storage.meta import TokenMeta
+from vqtok.storage.parquet_reader import read_parquet_meta
 
 if TYPE_CHECKING:
     import pandas as pd

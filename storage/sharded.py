@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from storage.atomic import PublishOnSuccess, stale_temps, write_json_atomic
-from storage.batch import check_split_name
-from storage.errors import TokenStoreError
-from storage.hashing import sha256_file
-from storage.hdf5_writer import HDF5TokenWriter
-from storage.layout import (
+from vqtok.storage.atomic import PublishOnSuccess, stale_temps, write_json_atomic
+from vqtok.storage.batch import check_split_name
+from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.hashing import sha256_file
+from vqtok.storage.hdf5_writer import HDF5TokenWriter
+from vqtok.storage.layout import (
     FORMATS,
     LAYOUT_VERSION,
     MANIFEST_KIND,
@@ -27,8 +26,8 @@ from storage.layout import (
     resolve,
     shard_relpath,
 )
-from storage.meta import TokenMeta
-from storage.parquet_writer import ParquetTokenWriter
+from vqtok.storage.meta import TokenMeta
+from vqtok.storage.parquet_writer import ParquetTokenWriter
 
 DEFAULT_SHARD_SIZE = 10_000
 

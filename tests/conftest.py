@@ -15,8 +15,9 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="vqtok-test-prefect-")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from vqtok.tokenizer.config import parse_config
+
 from tests.helpers import write_npz
-from tokenizer.config import parse_config
 
 TINY = {
     "seed": 0,

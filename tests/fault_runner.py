@@ -39,7 +39,7 @@ def _child(argv: list[str], stdout: str, stderr: str, env: dict[str, str]) -> No
         os.close(target)
     code = 0
     try:
-        from flows.cli import main
+        from vqtok.flows.cli import main
 
         main(argv, prog_name="tokenize-dataset")
     except SystemExit as exc:
@@ -57,10 +57,10 @@ def _child(argv: list[str], stdout: str, stderr: str, env: dict[str, str]) -> No
 
 def serve() -> None:
     """The helper's loop; heavy modules are imported before the first fork, never after."""
-    import flows.cli  # noqa: F401
-    import flows.encode_flow  # noqa: F401
-    import flows.pipeline  # noqa: F401
-    import flows.train_flow  # noqa: F401
+    import vqtok.flows.cli  # noqa: F401
+    import vqtok.flows.encode_flow  # noqa: F401
+    import vqtok.flows.pipeline  # noqa: F401
+    import vqtok.flows.train_flow  # noqa: F401
 
     reply = sys.stdout
     child: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,9 @@ def tiny_raw(dataset: str, **train: object) -> dict:
 def make_checkpoint(folder: Path, raw: dict, seed: int = 0) -> Path:
     """An untrained tiny checkpoint whose codebook is k-means fitted, so codes vary."""
     import torch
-
-    from tokenizer import save_checkpoint
-    from tokenizer.checkpoint import build_model
-    from tokenizer.config import parse_config
+    from vqtok.tokenizer import save_checkpoint
+    from vqtok.tokenizer.checkpoint import build_model
+    from vqtok.tokenizer.config import parse_config
 
     config = parse_config(raw)
     torch.manual_seed(seed)
@@ -51,8 +51,7 @@ def make_checkpoint(folder: Path, raw: dict, seed: int = 0) -> Path:
 def fails(*args: object, code: int = 1) -> str:
     """Run the CLI, check the exit code and the single error line; return its message."""
     from click.testing import CliRunner
-
-    from flows.cli import main
+    from vqtok.flows.cli import main
 
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == code, result.output
@@ -66,3 +65,8 @@ def tree(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` by relative path: equal trees are byte-identical stores."""
     return {p.relative_to(folder).as_posix(): p.read_bytes()
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def console_command() -> str:
+    """The installed ``tokenize-dataset`` script of this environment (what users run)."""
+    return str(Path(sys.executable).with_name("tokenize-dataset"))

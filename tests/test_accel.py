@@ -5,12 +5,11 @@ import threading
 import numpy as np
 import pytest
 import torch
-
-from tokenizer import load_tokenizer, open_source, train
-from tokenizer.accel import Accel, encode_batch_size, fit_batch_size
-from tokenizer.data import iterate_batches, prefetched
-from tokenizer.encode import encode_ids
-from tokenizer.quantizer import nearest_code
+from vqtok.tokenizer import load_tokenizer, open_source, train
+from vqtok.tokenizer.accel import Accel, encode_batch_size, fit_batch_size
+from vqtok.tokenizer.data import iterate_batches, prefetched
+from vqtok.tokenizer.encode import encode_ids
+from vqtok.tokenizer.quantizer import nearest_code
 
 CPU = torch.device("cpu")
 GPU_PATH_ON_CPU = {
@@ -47,7 +46,7 @@ def test_batch_size_is_the_largest_power_of_two_that_fits():
 
 
 def test_encode_batch_size_off_cuda_is_the_default(tiny_config):
-    from tokenizer.checkpoint import build_model
+    from vqtok.tokenizer.checkpoint import build_model
 
     model = build_model(tiny_config).eval()
     assert encode_batch_size(model, (1, 8, 8), Accel(CPU), 256) == 256

@@ -20,12 +20,12 @@ import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
+from vqtok.flows.cli import main
+from vqtok.tokenizer import save_checkpoint
+from vqtok.tokenizer.checkpoint import build_model
+from vqtok.tokenizer.config import parse_config
 
-from flows.cli import main
 from tests.helpers import fails, make_checkpoint, tiny_raw, write_npz
-from tokenizer import save_checkpoint
-from tokenizer.checkpoint import build_model
-from tokenizer.config import parse_config
 
 
 def write_config(path: Path, raw: dict) -> Path:
@@ -141,8 +141,8 @@ def test_non_image_files_are_skipped_but_a_fake_png_is_an_error(kit, tmp_path):
 
 
 def test_wrong_channels_are_converted_or_refused(kit, tmp_path):
-    from tokenizer import open_source
-    from tokenizer.config import DataConfig
+    from vqtok.tokenizer import open_source
+    from vqtok.tokenizer.config import DataConfig
 
     rgb = tmp_path / "rgb.npz"
     np.savez(rgb, images=np.zeros((20, 3, 8, 8), dtype=np.uint8))  # RGB -> grayscale: fine
@@ -270,7 +270,7 @@ def test_crafted_pickles_are_refused_without_running_them(kit, tmp_path):
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_training_state_that_is_a_pickle_is_refused_on_resume(kit, tmp_path):
-    from tokenizer.train import train
+    from vqtok.tokenizer.train import train
 
     config = parse_config(kit["raw"]).with_overrides(**{"train.max_steps": 2})
     train(config, tmp_path / "run", progress=False, log=lambda _: None)
@@ -332,9 +332,8 @@ def forged_tokens(path: Path, checkpoint_hash: str, codes: np.ndarray) -> Path:
     """A Parquet token file written without the writer's checks (as a buggy tool might)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from storage import TokenMeta
-    from storage.parquet_schema import arrow_schema, codes_type
+    from vqtok.storage import TokenMeta
+    from vqtok.storage.parquet_schema import arrow_schema, codes_type
 
     meta = TokenMeta(codebook_size=16, grid_h=2, grid_w=2, dataset="forged",
                      dataset_fingerprint="x", checkpoint_hash=checkpoint_hash,
@@ -380,7 +379,7 @@ def test_manifest_pointing_outside_the_store_is_refused(kit, tmp_path):
     tokens.mkdir()
     secret = tmp_path / "secret.parquet"
     forged_tokens(secret, "feed" * 16, np.zeros((2, 2, 2)))
-    from storage import TokenMeta
+    from vqtok.storage import TokenMeta
 
     meta = TokenMeta(16, 2, 2, "forged", "x", "feed" * 16, "0.1.0", created_at="t")
     manifest = {"kind": "vqtok-token-manifest", "version": 1, "meta": meta.to_dict(),

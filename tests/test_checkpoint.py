@@ -5,9 +5,8 @@ import pickle
 
 import pytest
 import torch
-
-from tokenizer import CheckpointError, load_tokenizer, save_checkpoint
-from tokenizer.checkpoint import build_model, read_checkpoint_meta
+from vqtok.tokenizer import CheckpointError, load_tokenizer, save_checkpoint
+from vqtok.tokenizer.checkpoint import build_model, read_checkpoint_meta
 
 
 @pytest.fixture

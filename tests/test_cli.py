@@ -3,8 +3,8 @@
 import pytest
 import yaml
 from click.testing import CliRunner
+from vqtok.flows.cli import main
 
-from flows.cli import main
 from tests.conftest import TINY
 
 
@@ -101,10 +101,11 @@ def test_run_encode_stats_decode_info_end_to_end(tmp_path, tiny_npz):
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_decode_with_the_wrong_tokenizer_is_one_line_and_exit_1(tmp_path, tiny_npz):
+    from vqtok.tokenizer import save_checkpoint
+    from vqtok.tokenizer.checkpoint import build_model
+    from vqtok.tokenizer.config import parse_config
+
     from tests.test_flows import _hand_made_tokens
-    from tokenizer import save_checkpoint
-    from tokenizer.checkpoint import build_model
-    from tokenizer.config import parse_config
 
     raw = yaml.safe_load(write_config(tmp_path / "c.yaml", f"npz:{tiny_npz}").read_text())
     config = parse_config(raw)
@@ -125,8 +126,7 @@ def test_encode_without_checkpoint_is_a_usage_error(tmp_path):
 
 def _interrupted_command(error: BaseException):
     import click
-
-    from flows.cli import friendly_errors
+    from vqtok.flows.cli import friendly_errors
 
     @click.command()
     @friendly_errors

@@ -3,8 +3,7 @@
 from pathlib import Path
 
 import pytest
-
-from tokenizer.config import Config, ConfigError, load_config, parse_config
+from vqtok.tokenizer.config import Config, ConfigError, load_config, parse_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

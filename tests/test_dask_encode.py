@@ -5,16 +5,16 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from vqtok.flows.cli import main
+from vqtok.flows.dask_cluster import runner_options
+from vqtok.flows.runtime import PipelineError
+from vqtok.storage import load_grid
+from vqtok.tokenizer import save_checkpoint
+from vqtok.tokenizer.checkpoint import build_model
+from vqtok.tokenizer.config import parse_config
 
-from flows.cli import main
-from flows.dask_cluster import runner_options
-from flows.runtime import PipelineError
-from storage import load_grid
 from tests.conftest import TINY
 from tests.helpers import write_npz
-from tokenizer import save_checkpoint
-from tokenizer.checkpoint import build_model
-from tokenizer.config import parse_config
 
 pytest.importorskip("prefect_dask")
 
@@ -45,10 +45,10 @@ def test_a_bad_cluster_is_one_line_and_exit_1(tmp_path):
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_two_dask_workers_write_the_same_tokens_as_one_process(tmp_path, monkeypatch):
-    from flows.encode_flow import encode_flow
+    from vqtok.flows.encode_flow import encode_flow
 
     # One creation time for both runs, so the files can be compared byte for byte.
-    monkeypatch.setattr("storage.meta.utc_now_iso", lambda: "2026-01-01T00:00:00+00:00")
+    monkeypatch.setattr("vqtok.storage.meta.utc_now_iso", lambda: "2026-01-01T00:00:00+00:00")
     raw = json.loads(json.dumps(TINY))
     raw["data"]["dataset"] = f"npz:{write_npz(tmp_path / 'images.npz', n=40)}"
     config = parse_config(raw)

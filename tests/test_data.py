@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from vqtok.tokenizer.config import DataConfig
+from vqtok.tokenizer.data import DataError, open_source, read_idx
 
 from tests.helpers import write_npz
-from tokenizer.config import DataConfig
-from tokenizer.data import DataError, open_source, read_idx
 
 
 def test_bundled_sample_is_the_default_with_a_fixed_split():

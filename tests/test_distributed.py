@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from vqtok.flows.cli import main
+from vqtok.tokenizer import load_tokenizer, open_source
+from vqtok.tokenizer.config import parse_config
+from vqtok.tokenizer.distributed import shard_batch, shard_eval
+from vqtok.tokenizer.train import evaluate
 
-from flows.cli import main
 from tests.conftest import TINY
 from tests.helpers import write_npz
-from tokenizer import load_tokenizer, open_source
-from tokenizer.config import parse_config
-from tokenizer.distributed import shard_batch, shard_eval
-from tokenizer.train import evaluate
 
 
 def test_batch_shares_cover_the_global_batch_once_and_every_rank_gets_some():
@@ -37,7 +37,7 @@ def test_evaluation_shares_never_repeat_an_image():
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_two_process_training_keeps_every_rank_identical_and_resumes_exactly(tmp_path):
-    from tokenizer.launch import train_distributed
+    from vqtok.tokenizer.launch import train_distributed
 
     npz = write_npz(tmp_path / "images.npz", n=50)  # validation: 5 images, 3 + 2 per rank
     raw = json.loads(json.dumps(TINY))
@@ -80,8 +80,8 @@ def test_two_process_training_keeps_every_rank_identical_and_resumes_exactly(tmp
 
 
 def test_too_many_processes_for_the_gpus_is_a_clear_error(tmp_path, monkeypatch, tiny_config):
-    import tokenizer.launch as launch
-    from tokenizer import TrainingError
+    import vqtok.tokenizer.launch as launch
+    from vqtok.tokenizer import TrainingError
 
     monkeypatch.setattr(launch.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(launch.torch.cuda, "device_count", lambda: 1)

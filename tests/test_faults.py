@@ -22,14 +22,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from vqtok.storage import load_grid
+from vqtok.tokenizer import load_tokenizer, save_checkpoint
+from vqtok.tokenizer.checkpoint import build_model
+from vqtok.tokenizer.config import parse_config
 
-from storage import load_grid
 from tests.conftest import TINY
 from tests.fault_runner import FaultRunner
 from tests.helpers import tree, write_npz
-from tokenizer import load_tokenizer, save_checkpoint
-from tokenizer.checkpoint import build_model
-from tokenizer.config import parse_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

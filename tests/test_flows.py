@@ -9,20 +9,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from vqtok.storage import ParquetTokenWriter, TokenMeta, TokenStoreError, load_grid
+from vqtok.tokenizer import load_tokenizer, open_source
+from vqtok.tokenizer.config import parse_config
 
-from storage import ParquetTokenWriter, TokenMeta, TokenStoreError, load_grid
 from tests.conftest import TINY
 from tests.helpers import write_npz
-from tokenizer import load_tokenizer, open_source
-from tokenizer.config import parse_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, prefect_harness):
-    from flows.encode_flow import encode_flow
-    from flows.train_flow import train_flow
+    from vqtok.flows.encode_flow import encode_flow
+    from vqtok.flows.train_flow import train_flow
 
     root = tmp_path_factory.mktemp("flows")
     npz = write_npz(root / "images.npz", n=40)
@@ -59,7 +59,7 @@ def test_encoded_tokens_equal_model_encode_in_every_format(trained):
 
 
 def test_decoding_stored_tokens_reproduces_decode_of_encode_exactly(trained):
-    from flows.decode_flow import decode_flow
+    from vqtok.flows.decode_flow import decode_flow
 
     model = load_tokenizer(trained["train"]["checkpoint"])
     grid = load_grid(trained["encode"]["tokens"], split="validation")
@@ -82,7 +82,7 @@ def test_decoding_stored_tokens_reproduces_decode_of_encode_exactly(trained):
 
 
 def test_rerun_skips_cached_shards_and_redoes_a_missing_one(trained):
-    from flows.encode_flow import encode_flow
+    from vqtok.flows.encode_flow import encode_flow
 
     run = trained["root"] / "run"
     shard = run / "tokens/train/part-00001.parquet"
@@ -110,7 +110,7 @@ def _hand_made_tokens(path, checkpoint_hash="feed" * 16):
 
 
 def test_stats_of_a_hand_made_token_file_are_exact(tmp_path):
-    from flows.stats_flow import stats_flow
+    from vqtok.flows.stats_flow import stats_flow
 
     tokens = _hand_made_tokens(tmp_path / "hand.parquet")
     result = stats_flow(str(tokens), str(tmp_path / "stats"))
@@ -134,7 +134,7 @@ def test_stats_of_a_hand_made_token_file_are_exact(tmp_path):
 
 
 def test_decode_refuses_tokens_from_another_tokenizer(trained, tmp_path):
-    from flows.decode_flow import decode_flow
+    from vqtok.flows.decode_flow import decode_flow
 
     tokens = _hand_made_tokens(tmp_path / "other.parquet")
     with pytest.raises(TokenStoreError, match="made by checkpoint feedfeed"):
@@ -157,8 +157,8 @@ def test_prefect_yaml_entrypoint_loads_the_pipeline_flow():
 
 
 def test_serve_builds_a_scheduled_deployment_with_valid_parameters():
-    from flows.cli import build_config, serve_parameters
-    from flows.pipeline import tokenize_dataset
+    from vqtok.flows.cli import build_config, serve_parameters
+    from vqtok.flows.pipeline import tokenize_dataset
 
     params = serve_parameters(build_config(None), None, ["parquet"], 500, "runs/nightly")
     deployment = tokenize_dataset.to_deployment(name="nightly", cron="0 3 * * *",

@@ -8,19 +8,17 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-
-from flows.cli import main
-from tokenizer import TrainingError, load_tokenizer, open_source, train
-from tokenizer.checkpoint import build_model, save_checkpoint, weights_hash
-from tokenizer.config import LEGACY_DEFAULTS, Config
-from tokenizer.health import (
+from vqtok.flows.cli import main
+from vqtok.tokenizer import TrainingError, load_tokenizer, open_source, train
+from vqtok.tokenizer.checkpoint import build_model, save_checkpoint, weights_hash
+from vqtok.tokenizer.config import LEGACY_DEFAULTS, Config
+from vqtok.tokenizer.health import (
     HEALTHY,
     UNCHECKED,
     UNHEALTHY,
@@ -31,7 +29,9 @@ from tokenizer.health import (
     require_healthy,
 )
 
-TRAIN = sys.modules["tokenizer.train"]  # the module (``tokenizer.train`` is also the function)
+from tests.helpers import console_command
+
+TRAIN = sys.modules["vqtok.tokenizer.train"]  # the module (``train`` is also the function)
 
 
 def quiet(config, out, **kwargs):
@@ -128,7 +128,7 @@ def test_warmup_passes_the_latent_through_and_leaves_the_codebook_alone(tiny_con
     before = {k: v.clone() for k, v in model.quantizer.state_dict().items()}
     out = model(x, quantize=False)
     torch.testing.assert_close(out.reconstruction, model.decoder(model.latent(x)))
-    assert float(out.loss) == pytest.approx(float(out.reconstruction_loss))
+    assert float(out.loss.detach()) == pytest.approx(float(out.reconstruction_loss.detach()))
     assert all(torch.equal(before[k], v) for k, v in model.quantizer.state_dict().items())
     assert not bool(model.quantizer.initialized)
     model(x)  # the first quantized step fits the codebook (k-means) to the trained encoder
@@ -226,10 +226,6 @@ def test_the_cli_says_it_in_one_line(tmp_path, tiny_config, monkeypatch):
     assert "  health          UNHEALTHY: validation PSNR" in result.output
 
 
-def _console() -> str:
-    return str(Path(sys.executable).with_name("tokenize-dataset"))
-
-
 def test_encode_refuses_an_unhealthy_checkpoint_unless_forced(tmp_path, tiny_config,
                                                               monkeypatch):
     _kill_the_decoder(monkeypatch)
@@ -239,7 +235,7 @@ def test_encode_refuses_an_unhealthy_checkpoint_unless_forced(tmp_path, tiny_con
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
-    command = [_console(), "encode", "--checkpoint", str(tmp_path / "run"), "--out",
+    command = [console_command(), "encode", "--checkpoint", str(tmp_path / "run"), "--out",
                str(tmp_path / "enc"), "--quiet", "--format", "parquet"]
     refused = subprocess.run(command, cwd=outside, env=env, capture_output=True, text=True,
                              timeout=120)

@@ -15,22 +15,22 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import vqtok.storage.atomic
+import vqtok.tokenizer.checkpoint
 import yaml
 from click.testing import CliRunner
+from vqtok.flows.cli import main
+from vqtok.storage import load_grid
+from vqtok.tokenizer import load_tokenizer
 
-import storage.atomic
-import tokenizer.checkpoint
-from flows.cli import main
-from storage import load_grid
 from tests.helpers import fails, make_checkpoint, tiny_raw, tree, write_npz
-from tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture
 def kit(tmp_path, monkeypatch):
-    from flows.encode_flow import encode_shard
+    from vqtok.flows.encode_flow import encode_shard
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # byte-identical runs
     monkeypatch.setattr(encode_shard, "retry_delay_seconds", 0)  # retries without the wait
@@ -49,7 +49,7 @@ def encode(kit, out, *extra):
 
 def failing_fsync(monkeypatch, fail_from: int, fail_count: int, code: int):
     """fsync calls number fail_from .. fail_from + fail_count - 1 raise OSError(code)."""
-    real = storage.atomic.fsync_path
+    real = vqtok.storage.atomic.fsync_path
     calls = {"n": 0, "raised": 0, "real": real}
 
     def fsync(path):
@@ -59,7 +59,7 @@ def failing_fsync(monkeypatch, fail_from: int, fail_count: int, code: int):
             raise OSError(code, os.strerror(code))
         real(path)
 
-    monkeypatch.setattr(storage.atomic, "fsync_path", fsync)
+    monkeypatch.setattr(vqtok.storage.atomic, "fsync_path", fsync)
     return calls
 
 
@@ -81,7 +81,7 @@ def test_disk_full_mid_encode_leaves_only_whole_shards_and_a_rerun_completes(
         == ["train", "train/_part-00000.done.json", "train/part-00000.h5",
             "train/part-00000.parquet"]
 
-    monkeypatch.setattr(storage.atomic, "fsync_path", calls["real"])  # space freed
+    monkeypatch.setattr(vqtok.storage.atomic, "fsync_path", calls["real"])  # space freed
     result = encode(kit, out)
     assert "1 of 4 shards already done" in result.output
     assert tree(out / "tokens") == tree(tmp_path / "reference" / "tokens")
@@ -98,18 +98,18 @@ def test_a_transient_io_error_is_retried_and_the_result_is_identical(kit, tmp_pa
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(kit, tmp_path, monkeypatch):
-    from tokenizer.train import train
+    from vqtok.tokenizer.train import train
 
     raw = json.loads(json.dumps(kit["raw"]))
     raw["train"].update(epochs=2, checkpoint_every=2)  # 5 steps/epoch: saves at 2, 4, 5, 7, ...
     config_file = tmp_path / "c.yaml"
     config_file.write_text(yaml.safe_dump(raw))
-    from tokenizer.config import parse_config
+    from vqtok.tokenizer.config import parse_config
 
     reference = train(parse_config(raw), tmp_path / "reference", progress=False,
                       log=lambda _: None)
 
-    real = tokenizer.checkpoint.save_file
+    real = vqtok.tokenizer.checkpoint.save_file
     calls = {"n": 0}
 
     def save_file(tensors, path):
@@ -118,7 +118,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(kit, tmp_pa
             raise OSError(errno.ENOSPC, "No space left on device")
         real(tensors, path)
 
-    monkeypatch.setattr(tokenizer.checkpoint, "save_file", save_file)
+    monkeypatch.setattr(vqtok.tokenizer.checkpoint, "save_file", save_file)
     out = tmp_path / "run"
     assert fails("train", "--config", config_file, "--out", out, "--quiet") == (
         f"{out}/checkpoint.tmp/model.safetensors: No space left on device; free some space "
@@ -127,7 +127,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(kit, tmp_pa
     assert json.loads((out / "checkpoint/train_state.json").read_text())["step"] == 2
     load_tokenizer(out)
 
-    monkeypatch.setattr(tokenizer.checkpoint, "save_file", real)
+    monkeypatch.setattr(vqtok.tokenizer.checkpoint, "save_file", real)
     result = CliRunner().invoke(main, ["train", "--config", str(config_file), "--out", str(out),
                                        "--quiet"])
     assert result.exit_code == 0, result.output
@@ -152,8 +152,8 @@ def test_rerun_with_another_shard_size_or_checkpoint_is_refused_untouched(kit, t
 
 
 def test_split_names_from_a_dataset_never_leave_the_output_folder(kit, tmp_path, monkeypatch):
-    import flows.runtime
-    from tokenizer.data import ArraySource, open_source
+    import vqtok.flows.runtime
+    from vqtok.tokenizer.data import ArraySource, open_source
 
     def evil_source(cfg):
         clean = open_source(cfg)
@@ -161,13 +161,13 @@ def test_split_names_from_a_dataset_never_leave_the_output_folder(kit, tmp_path,
         return ArraySource(clean.images, clean.labels, {"../../escape": ids}, clean.name,
                            clean.fingerprint, cfg)
 
-    monkeypatch.setattr(flows.runtime, "open_source", evil_source)
-    flows.runtime._cached_source.cache_clear()
+    monkeypatch.setattr(vqtok.flows.runtime, "open_source", evil_source)
+    vqtok.flows.runtime._cached_source.cache_clear()
     out = tmp_path / "deep" / "run"
     try:
         message = fails("encode", "--checkpoint", kit["checkpoint"], "--out", out, "--quiet")
     finally:
-        flows.runtime._cached_source.cache_clear()
+        vqtok.flows.runtime._cached_source.cache_clear()
     assert message == (f"{out}/tokens: split name '../../escape' is not allowed; use 1-32 "
                        "characters from A-Z a-z 0-9 _ . - starting with a letter or digit (it "
                        "becomes a folder name)")
@@ -200,8 +200,8 @@ def test_same_checkpoint_data_and_batch_size_give_byte_identical_stores(kit, tmp
     assert a == b and len(a) == 4 * 3 + 1  # 4 shards x (Parquet, HDF5, record) + manifest
     grid = load_grid(tmp_path / "a")
     model = load_tokenizer(kit["checkpoint"])
-    from tokenizer import open_source
-    from tokenizer.config import parse_config
+    from vqtok.tokenizer import open_source
+    from vqtok.tokenizer.config import parse_config
 
     images, _ = open_source(parse_config(kit["raw"]).data).load_batch(grid.ids)
     with torch.no_grad():

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-
-from tokenizer import VQVAE
-from tokenizer.config import ModelConfig, QuantizerConfig
+from vqtok.tokenizer import VQVAE
+from vqtok.tokenizer.config import ModelConfig, QuantizerConfig
 
 
 def small(**model) -> VQVAE:
@@ -62,11 +61,11 @@ def test_encode_ids_gives_the_same_codes_whatever_the_batch_size(tmp_path):
     """Batch 1 included: encode_ids encodes a lone image as a batch of two copies, since
     PyTorch's CPU convolutions round differently for a single image (see encode_ids)."""
     import numpy as np
+    from vqtok.tokenizer import load_tokenizer, open_source
+    from vqtok.tokenizer.config import parse_config
+    from vqtok.tokenizer.encode import encode_ids
 
     from tests.helpers import make_checkpoint, tiny_raw, write_npz
-    from tokenizer import load_tokenizer, open_source
-    from tokenizer.config import parse_config
-    from tokenizer.encode import encode_ids
 
     raw = tiny_raw(f"npz:{write_npz(tmp_path / 'x.npz', n=50)}")
     model = load_tokenizer(make_checkpoint(tmp_path / "ck", raw))

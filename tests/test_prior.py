@@ -11,13 +11,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
-
-from tokenizer.checkpoint import CheckpointError
-from tokenizer.config import ConfigError
-from tokenizer.prior import TokenPrior, _draw
-from tokenizer.prior_checkpoint import load_prior, read_prior_meta, save_prior
-from tokenizer.prior_config import PriorConfig, PriorModelConfig, PriorShape, load_prior_config
-from tokenizer.prior_train import TrainingError, evaluate_prior, learning_rate, train_prior
+from vqtok.tokenizer.checkpoint import CheckpointError
+from vqtok.tokenizer.config import ConfigError
+from vqtok.tokenizer.prior import TokenPrior, _draw
+from vqtok.tokenizer.prior_checkpoint import load_prior, read_prior_meta, save_prior
+from vqtok.tokenizer.prior_config import (
+    PriorConfig,
+    PriorModelConfig,
+    PriorShape,
+    load_prior_config,
+)
+from vqtok.tokenizer.prior_train import TrainingError, evaluate_prior, learning_rate, train_prior
 
 SMALL = PriorModelConfig(d_model=32, n_layers=2, n_heads=4, dropout=0.1)
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from vqtok.flows.cli import main
+from vqtok.storage import ParquetTokenWriter, TokenMeta, load_grid, read_meta
+from vqtok.tokenizer import __version__, open_source
+from vqtok.tokenizer.checkpoint import build_model, load_tokenizer, save_checkpoint
+from vqtok.tokenizer.config import parse_config
 
-from flows.cli import main
-from storage import ParquetTokenWriter, TokenMeta, load_grid, read_meta
 from tests.conftest import TINY
 from tests.helpers import write_npz
-from tokenizer import __version__, open_source
-from tokenizer.checkpoint import build_model, load_tokenizer, save_checkpoint
-from tokenizer.config import parse_config
 
 TRAIN = ["--steps", "40", "--batch-size", "16", "--d-model", "16", "--layers", "1", "--heads",
          "2", "--checkpoint-every", "20", "--lr", "0.01", "--device", "cpu"]
@@ -125,7 +125,7 @@ def test_sample_writes_a_token_file_and_decodes_it(trained, run):
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_unconditional_samples_without_a_tokenizer_are_not_decoded(trained, run, tmp_path):
-    from flows.prior_flow import prior_sample_flow
+    from vqtok.flows.prior_flow import prior_sample_flow
 
     result = prior_sample_flow(str(run / "prior"), str(tmp_path / "s"), n=4, seed=1,
                                device="cpu")

@@ -4,9 +4,8 @@ blocks within budget, fp32 distances and losses under autocast."""
 import pytest
 import torch
 import torch.nn.functional as F
-
-from tokenizer import VectorQuantizer
-from tokenizer.quantizer import (
+from vqtok.tokenizer import VectorQuantizer
+from vqtok.tokenizer.quantizer import (
     CPU_BLOCK_BYTES,
     CPU_MIN_BLOCK_ROWS,
     _block_shape,

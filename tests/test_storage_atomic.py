@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from storage import HDF5TokenWriter, ParquetTokenWriter, TokenMeta, load_grid
+from vqtok.storage import HDF5TokenWriter, ParquetTokenWriter, TokenMeta, load_grid
 
 WRITERS = {"parquet": (ParquetTokenWriter, ".parquet"), "hdf5": (HDF5TokenWriter, ".h5")}
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +59,7 @@ KILLED_WRITER = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from storage import {cls}, TokenMeta
+    from vqtok.storage import {cls}, TokenMeta
     meta = TokenMeta(16, 2, 2, "d", "fp", "ck", "0.1.0", created_at="t")
     writer = {cls}(sys.argv[1], meta)
     for start in range(0, 4000, 500):

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from storage import (
+from vqtok.storage import (
     ParquetTokenWriter,
     ShardedTokenStore,
     TokenDataset,

@@ -6,8 +6,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
-
-from storage import (
+from vqtok.storage import (
     HDF5TokenWriter,
     ParquetTokenWriter,
     ShardedTokenStore,

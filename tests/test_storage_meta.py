@@ -4,9 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
-from storage import TokenMeta, TokenStoreError
-from storage.meta import STORAGE_FORMAT_VERSION
+from vqtok.storage import TokenMeta, TokenStoreError
+from vqtok.storage.meta import STORAGE_FORMAT_VERSION
 
 
 def make_meta(**overrides):

@@ -7,9 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from storage import HDF5TokenWriter, ParquetTokenWriter, TokenMeta, load_grid, read_meta
-from storage.parquet_schema import CODES_LEAF
+from vqtok.storage import HDF5TokenWriter, ParquetTokenWriter, TokenMeta, load_grid, read_meta
+from vqtok.storage.parquet_schema import CODES_LEAF
 
 WRITERS = {"parquet": (ParquetTokenWriter, ".parquet"), "hdf5": (HDF5TokenWriter, ".h5")}
 SMALL_BLOCKS = {"parquet": {"row_group_size": 3}, "hdf5": {"chunk_rows": 3}}
@@ -213,8 +212,7 @@ def test_hdf5_layout_follows_the_issue(tmp_path):
 def test_codes_from_sliced_arrow_chunks():
     """Arrow may hand back chunks that are slices of a bigger array; .values would ignore that."""
     import pyarrow as pa
-
-    from storage.parquet_reader import _codes
+    from vqtok.storage.parquet_reader import _codes
 
     meta = make_meta(512, (2, 2))
     flat = np.arange(40, dtype=np.uint16)

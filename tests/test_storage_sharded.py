@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from storage import (
+from vqtok.storage import (
     ParquetTokenWriter,
     ShardedTokenStore,
     ShardSpec,
@@ -187,7 +186,7 @@ KILLED_SHARD = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from storage import ShardedTokenStore, TokenMeta
+    from vqtok.storage import ShardedTokenStore, TokenMeta
     meta = TokenMeta(300, 3, 2, "toy", "fp", "ck", "0.1.0", created_at=sys.argv[2])
     store = ShardedTokenStore(sys.argv[1], meta, shard_size=5)
     shard = store.plan("train", 23)[1]

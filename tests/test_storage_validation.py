@@ -5,8 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from storage import (
+from vqtok.storage import (
     HDF5TokenWriter,
     ParquetTokenWriter,
     TokenGrid,

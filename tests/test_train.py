@@ -5,9 +5,8 @@ import shutil
 
 import pytest
 import torch
-
-from tokenizer import CheckpointError, TrainingError, load_tokenizer, open_source, train
-from tokenizer.checkpoint import STATE, STATE_META
+from vqtok.tokenizer import CheckpointError, TrainingError, load_tokenizer, open_source, train
+from vqtok.tokenizer.checkpoint import STATE, STATE_META
 
 
 def quiet_train(config, out, **kwargs):
@@ -93,7 +92,7 @@ def test_stopping_inside_an_epoch_and_resuming_equals_an_uninterrupted_run(tmp_p
 def test_checkpoint_every_saves_inside_the_epoch(tmp_path, tiny_config, monkeypatch):
     import importlib
 
-    loop = importlib.import_module("tokenizer.train")  # the module, not the function
+    loop = importlib.import_module("vqtok.tokenizer.train")  # the module, not the function
     saved = []
     real = loop.save_checkpoint
 
@@ -179,8 +178,9 @@ def test_damaged_training_state_is_named(tmp_path, tiny_config):
 
 
 def test_an_empty_validation_split_trains_without_validation(tmp_path):
+    from vqtok.tokenizer.config import parse_config
+
     from tests.helpers import tiny_raw, write_npz
-    from tokenizer.config import parse_config
 
     npz = write_npz(tmp_path / "five.npz", n=5)  # ids 0..4: no id % 10 == 9
     logs = []

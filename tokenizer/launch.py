@@ -31,7 +31,7 @@ def _wants_cuda(device: str) -> bool:
 def torchrun_command(config_path: Path, out_dir: Path, nproc: int, result: Path,
                      progress: bool) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", "tokenizer.train_main",
+            f"--nproc-per-node={nproc}", "-m", "vqtok.tokenizer.train_main",
             "--config", str(config_path), "--out", str(out_dir), "--result", str(result),
             *([] if progress else ["--quiet"])]
 

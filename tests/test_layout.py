@@ -1,0 +1,68 @@
+"""The layout's rules, checked on the source: what each package may import, and that every
+package folder is installed under its ``vqtok.`` name."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = {"tokenizer": "vqtok.tokenizer", "storage": "vqtok.storage", "flows": "vqtok.flows"}
+
+
+def imported_modules(folder: Path) -> dict[str, set[str]]:
+    """Absolute module names each file under ``folder`` imports (relative ones resolved)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(folder.rglob("*.py")):
+        package = ".".join(["vqtok", *path.relative_to(ROOT).parent.parts])
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    names.add(f"{base}.{node.module}" if node.module else base)
+                else:
+                    names.add(node.module or "")
+        found[path.relative_to(ROOT).as_posix()] = names
+    return found
+
+
+@pytest.mark.parametrize(("folder", "forbidden"), [
+    ("tokenizer", ("prefect", "prefect_dask", "vqtok.flows", "vqtok.storage", "flows",
+                   "storage")),
+    ("storage", ("prefect", "prefect_dask", "vqtok.flows", "vqtok.tokenizer", "flows",
+                 "tokenizer")),
+])
+def test_tokenizer_and_storage_never_import_prefect_flows_or_each_other(folder, forbidden):
+    bad = {file: sorted(n for n in names if n.split(".")[0] in forbidden
+                        or any(n == f or n.startswith(f + ".") for f in forbidden))
+           for file, names in imported_modules(ROOT / folder).items()}
+    assert {file: names for file, names in bad.items() if names} == {}
+
+
+def test_no_module_imports_the_old_top_level_names():
+    """`tokenizer`, `storage` and `flows` are folders, not import names (issue 17)."""
+    old = {"tokenizer", "storage", "flows"}
+    bad = {}
+    for folder in (*FOLDERS, "tests", "benchmarks"):
+        for file, names in imported_modules(ROOT / folder).items():
+            hits = sorted(n for n in names if n.split(".")[0] in old)
+            if hits:
+                bad[file] = hits
+    assert bad == {}
+
+
+def test_every_package_folder_is_installed_under_its_vqtok_name():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"] == {name: folder for folder, name in FOLDERS.items()}
+    expected = sorted(
+        ".".join([FOLDERS[init.relative_to(ROOT).parts[0]], *init.relative_to(ROOT).parts[1:-1]])
+        for folder in FOLDERS for init in (ROOT / folder).rglob("__init__.py"))
+    assert sorted(config["packages"]) == expected
+    script = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert script == {"tokenize-dataset": "vqtok.flows.cli:main"}
