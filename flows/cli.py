@@ -60,9 +60,12 @@ def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = click.get_current_context().find_root().params.get("debug", False)
+        from vqtok.flows.recording import uses_prefect
+
+        context = click.get_current_context()
+        debug = context.find_root().params.get("debug", False)
         usage, failures = _known_errors()
-        if not debug:
+        if not debug and uses_prefect(context.info_name or ""):
             _quiet_tracebacks()
         try:
             return command(*args, **kwargs)
@@ -331,14 +334,20 @@ def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
 @friendly_errors
 def stats(tokens: str | None, out: str) -> None:
     """Codebook usage of a token store: stats.json, usage.png, position_entropy.png."""
+    from vqtok.flows.recording import uses_prefect
     from vqtok.flows.runtime import RunPaths
-    from vqtok.flows.stats_flow import stats_flow
+    from vqtok.flows.usage_stats import usage_stats
     from vqtok.storage import read_meta
 
     paths = RunPaths(Path(out))
     read_meta(tokens or paths.tokens)  # a missing or damaged store fails before Prefect starts
     _check_out(paths.stats)
-    result = stats_flow(tokens or str(paths.tokens), str(paths.stats))
+    if uses_prefect("stats"):
+        from vqtok.flows.stats_flow import stats_flow
+
+        result = stats_flow(tokens or str(paths.tokens), str(paths.stats))
+    else:
+        result = usage_stats(tokens or str(paths.tokens), str(paths.stats))
     click.echo(f"usage {result['usage']:.1%} ({result['codes_used']}/{result['codebook_size']}),"
                f" perplexity {result['perplexity']:.1f}, {result['entropy_bits']:.2f} bits/token"
                f" -> {result['stats']}")
@@ -357,14 +366,21 @@ def stats(tokens: str | None, out: str) -> None:
 def decode(tokens: str, checkpoint: str | None, out: str, split: str | None, limit: int,
            device: str | None) -> None:
     """Decode a token file with the tokenizer that made it (others are refused)."""
-    from vqtok.flows.decode_flow import decode_flow
+    from vqtok.flows.recording import uses_prefect
 
     if not checkpoint:
         raise click.UsageError("decode needs --checkpoint (the tokenizer that made the tokens)")
     _check_tokens_match(tokens, checkpoint)
     _check_model(checkpoint, device)
     _check_out(out)
-    result = decode_flow(tokens, checkpoint, out, split, limit, device=device or "auto")
+    if uses_prefect("decode"):
+        from vqtok.flows.decode_flow import decode_flow
+
+        result = decode_flow(tokens, checkpoint, out, split, limit, device=device or "auto")
+    else:
+        from vqtok.flows.decoding import decode_tokens
+
+        result = decode_tokens(tokens, checkpoint, out, split, limit, device=device or "auto")
     from vqtok.tokenizer.health import quality_line
 
     line = f"decoded {result['images']} images -> {result['picture']}"
@@ -409,9 +425,16 @@ def run(config_path: str | None = None, out: str = "runs/demo", checkpoint: str 
 @friendly_errors
 def info(path: str) -> None:
     """Describe a token file/folder or a checkpoint."""
-    from vqtok.flows.summary import describe
+    from vqtok.flows.recording import uses_prefect
 
-    click.echo(describe(Path(path)))
+    if uses_prefect("info"):
+        from vqtok.flows.summary_flow import info_flow
+
+        click.echo(info_flow(str(path)))
+    else:
+        from vqtok.flows.summary import describe
+
+        click.echo(describe(Path(path)))
 
 
 @main.command()

@@ -1,113 +1,29 @@
-"""decode_flow: a token file -> images, originals beside reconstructions, MSE/PSNR per image.
-
-Any token file decodes with the tokenizer that made it (prior samples too); a file from
-another tokenizer is refused by the checkpoint hash in its metadata.
-"""
+"""decode_flow: ``flows.decoding.decode_tokens`` as a recorded task, with a table artifact of
+the first decoded images' MSE / PSNR."""
 
 from __future__ import annotations
 
-import csv
-import math
-import os
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from torchvision.utils import save_image
+from vqtok.flows.decoding import decode_tokens
 from vqtok.flows.retry import retry_on_io_error
-from vqtok.flows.runtime import PipelineError, cached_model, cached_source
-from vqtok.storage import load_grid, read_meta
-from vqtok.tokenizer.config import DataConfig
-from vqtok.tokenizer.data import DataError
 from vqtok.tokenizer.health import quality_line
-from vqtok.tokenizer.stats import psnr
-from vqtok.tokenizer.visualize import save_reconstruction_grid
-
-DECODE_BATCH = 256
-
-
-def _originals(meta_extra: dict[str, Any], fingerprint: str, ids: np.ndarray, logger: Any):
-    """The source images for these ids, when the dataset is at hand and unchanged.
-
-    Generated grids (prior samples) have ids that name no dataset image: never compared.
-    """
-    if "data" not in meta_extra or meta_extra.get("generated_by"):
-        return None
-    try:
-        source = cached_source(DataConfig.model_validate(meta_extra["data"]))
-    except (DataError, ValueError) as exc:
-        logger.warning(f"originals unavailable ({exc}); decoding without a comparison")
-        return None
-    if source.fingerprint != fingerprint:
-        logger.warning(f"{source.name} changed since encoding; decoding without a comparison")
-        return None
-    images, _ = source.load_batch(ids)
-    return images
-
-
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
 
 
 @task(name="decode-tokens", retries=1, retry_condition_fn=retry_on_io_error)
-def decode_tokens(tokens: str, checkpoint: str, out: str, split: str | None, limit: int,
-                  picture_count: int, device: str) -> dict[str, Any]:
-    logger = get_run_logger()
-    model = cached_model(checkpoint, device)
-    meta = read_meta(tokens)
-    grid_hw = (meta.grid_h, meta.grid_w)
-    meta.check_tokenizer(model.checkpoint_hash, model.num_embeddings, grid_hw, where=tokens)
-    grid = load_grid(tokens, split=split)
-    rows = min(limit, len(grid.codes))
-    if rows == 0:
-        where = f" in split '{split}'" if split else ""
-        raise PipelineError(f"{tokens}: no rows to decode{where}; pick another split")
-    codes = torch.from_numpy(grid.codes[:rows].astype(np.int64))
-    device_t = model.quantizer.codebook.device
-    decoded = torch.cat([model.decode(codes[i : i + DECODE_BATCH].to(device_t)).cpu()
-                         for i in range(0, rows, DECODE_BATCH)])
-    ids, labels = grid.ids[:rows], grid.labels[:rows]
-    originals = _originals(meta.extra, meta.dataset_fingerprint, ids, logger)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"images": rows, "tokens": tokens}
-    shown = min(picture_count, rows)
-    if originals is None:
-        picture = folder / "decoded.png"
-        save_image(decoded[:shown], folder / ".decoded.tmp.png", nrow=16, padding=2, pad_value=0.5)
-        os.replace(folder / ".decoded.tmp.png", picture)
-        result["picture"] = str(picture)
-        return result
-    errors = ((decoded - originals) ** 2).flatten(1).mean(dim=1).numpy()
-    splits = grid.splits[:rows]
-    table = [{"id": int(i), "label": int(lab), "split": str(s), "mse": float(e),
-              "psnr": psnr(float(e))} for i, lab, s, e in zip(ids, labels, splits, errors,
-                                                                strict=True)]
-    result["metrics"] = str(_write_metrics(folder / "metrics.csv", table))
-    result["picture"] = str(save_reconstruction_grid(originals[:shown], decoded[:shown],
-                                                     folder / "reconstructions.png"))
-    mean_mse = float(errors.mean())
-    result.update(mse=mean_mse, psnr=psnr(mean_mse),
-                  mean_image_psnr=float(np.mean([min(r["psnr"], 99.0) for r in table])))
-    if int(model.mean_image_count) > 0:  # the trivial baseline on the same images
-        baseline = model.mean_image.cpu()
-        result["baseline_psnr"] = psnr(float(((originals - baseline) ** 2).mean()))
-    create_table_artifact(
-        key="vqtok-decode",
-        table=[{k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
-                for k, v in r.items()} for r in table[:50]],
-        description=f"Per-image MSE / PSNR of the first {min(50, rows)} decoded images "
-                    f"(mean over {rows}: MSE {mean_mse:.5f}, PSNR {psnr(mean_mse):.2f} dB)",
-    )
+def decode_task(tokens: str, checkpoint: str, out: str, split: str | None, limit: int,
+                picture_count: int, device: str) -> dict[str, Any]:
+    result = decode_tokens(tokens, checkpoint, out, split, limit, picture_count, device,
+                           logger=get_run_logger())
+    table = result.pop("table", None)
+    if table:
+        create_table_artifact(
+            key="vqtok-decode", table=table,
+            description=f"Per-image MSE / PSNR of the first {len(table)} decoded "
+                        f"images (mean over {result['images']}: MSE {result['mse']:.5f}, "
+                        f"PSNR {result['psnr']:.2f} dB)")
     return result
 
 
@@ -117,7 +33,7 @@ def decode_flow(
     picture_count: int = 32, device: str = "auto",
 ) -> dict[str, Any]:
     """Decode up to ``limit`` rows; PSNR is from the mean MSE over them."""
-    result = decode_tokens(tokens, checkpoint, out, split, limit, picture_count, device)
+    result = decode_task(tokens, checkpoint, out, split, limit, picture_count, device)
     if "psnr" in result:
         get_run_logger().info(f"decoded {result['images']} images: mse {result['mse']:.5f}, "
                               f"{quality_line(result)} -> {result['picture']}")

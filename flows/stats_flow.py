@@ -1,46 +1,23 @@
-"""stats_flow: codebook usage over a whole token store -> stats.json and two plots."""
+"""stats_flow: codebook usage over a whole token store -> stats.json and two plots, recorded.
+
+The work is ``flows.usage_stats``; this flow runs it as tasks and adds the usage artifact.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from vqtok.flows.plots import plot_position_entropy, plot_sorted_usage
 from vqtok.flows.retry import retry_on_io_error
-from vqtok.storage import load_grid
+from vqtok.flows.usage_stats import summarize, write_plots, write_stats
 from vqtok.tokenizer.health import quality_line
-from vqtok.tokenizer.usage import usage_report
 
-
-@task(name="compute-stats", retries=1, retry_condition_fn=retry_on_io_error)
-def compute_stats(tokens: str, out: str) -> str:
-    """Read every code once and write stats.json (atomically); returns its path."""
-    grid = load_grid(tokens)
-    report = usage_report(grid.codes, grid.meta.codebook_size, grid.split_index,
-                          tuple(grid.split_names))
-    report["dataset"] = grid.meta.dataset
-    report["checkpoint_hash"] = grid.meta.checkpoint_hash
-    # Usage alone cannot tell a working tokenizer from a dead decoder: carry its quality.
-    report["tokenizer_quality"] = grid.meta.extra.get("tokenizer_quality", {})
-    report["tokens"] = str(tokens)
-    path = Path(out) / "stats.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".stats.json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
-    return str(path)
-
-
-@task(name="plot-usage")
-def plot_usage(stats_path: str) -> list[str]:
-    stats = json.loads(Path(stats_path).read_text())
-    folder = Path(stats_path).parent
-    return [str(plot_sorted_usage(stats, folder / "usage.png")),
-            str(plot_position_entropy(stats, folder / "position_entropy.png"))]
+compute_stats = task(name="compute-stats", retries=1,
+                     retry_condition_fn=retry_on_io_error)(write_stats)
+plot_usage = task(name="plot-usage")(write_plots)
 
 
 @flow(name="stats")
@@ -68,7 +45,4 @@ def stats_flow(tokens: str, out: str) -> dict[str, Any]:
         ),
         description="Codebook usage from stats_flow",
     )
-    summary = {k: stats[k] for k in ("images", "codebook_size", "codes_used", "dead_codes",
-                                     "usage", "perplexity", "entropy_bits",
-                                     "tokenizer_quality")}
-    return {**summary, "stats": stats_path, "plots": plots}
+    return summarize(stats, stats_path, plots)

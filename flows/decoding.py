@@ -1,0 +1,105 @@
+"""A token file -> images, originals beside reconstructions, MSE/PSNR per image: the work
+behind ``decode``.
+
+Any token file decodes with the tokenizer that made it (prior samples too); a file from
+another tokenizer is refused by the checkpoint hash in its metadata. Plain functions, no
+Prefect: ``decode_flow`` runs ``decode_tokens`` as a task (recorded, with a table artifact),
+and the CLI calls it directly when no Prefect server is configured (``flows.recording``).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from vqtok.flows.runtime import PipelineError, cached_model, cached_source
+from vqtok.storage import load_grid, read_meta
+from vqtok.tokenizer.config import DataConfig
+from vqtok.tokenizer.data import DataError
+from vqtok.tokenizer.stats import psnr
+from vqtok.tokenizer.visualize import save_image_grid, save_reconstruction_grid
+
+DECODE_BATCH = 256
+
+
+def _originals(meta_extra: dict[str, Any], fingerprint: str, ids: np.ndarray, logger: Any):
+    """The source images for these ids, when the dataset is at hand and unchanged.
+
+    Generated grids (prior samples) have ids that name no dataset image: never compared.
+    """
+    if "data" not in meta_extra or meta_extra.get("generated_by"):
+        return None
+    try:
+        source = cached_source(DataConfig.model_validate(meta_extra["data"]))
+    except (DataError, ValueError) as exc:
+        logger.warning(f"originals unavailable ({exc}); decoding without a comparison")
+        return None
+    if source.fingerprint != fingerprint:
+        logger.warning(f"{source.name} changed since encoding; decoding without a comparison")
+        return None
+    images, _ = source.load_batch(ids)
+    return images
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def decode_tokens(tokens: str, checkpoint: str, out: str, split: str | None = None,
+                  limit: int = 1000, picture_count: int = 32, device: str = "auto",
+                  logger: Any = None) -> dict[str, Any]:
+    """Decode up to ``limit`` rows; PSNR is from the mean MSE over them. With originals, the
+    result's ``table`` holds the first 50 rows' figures (the flow's artifact)."""
+    logger = logger or logging.getLogger("vqtok.decode")
+    model = cached_model(checkpoint, device)
+    meta = read_meta(tokens)
+    grid_hw = (meta.grid_h, meta.grid_w)
+    meta.check_tokenizer(model.checkpoint_hash, model.num_embeddings, grid_hw, where=tokens)
+    grid = load_grid(tokens, split=split)
+    rows = min(limit, len(grid.codes))
+    if rows == 0:
+        where = f" in split '{split}'" if split else ""
+        raise PipelineError(f"{tokens}: no rows to decode{where}; pick another split")
+    codes = torch.from_numpy(grid.codes[:rows].astype(np.int64))
+    device_t = model.quantizer.codebook.device
+    decoded = torch.cat([model.decode(codes[i : i + DECODE_BATCH].to(device_t)).cpu()
+                         for i in range(0, rows, DECODE_BATCH)])
+    ids, labels = grid.ids[:rows], grid.labels[:rows]
+    originals = _originals(meta.extra, meta.dataset_fingerprint, ids, logger)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"images": rows, "tokens": tokens}
+    shown = min(picture_count, rows)
+    if originals is None:
+        result["picture"] = str(save_image_grid(decoded[:shown], folder / "decoded.png"))
+        return result
+    errors = ((decoded - originals) ** 2).flatten(1).mean(dim=1).numpy()
+    splits = grid.splits[:rows]
+    table = [{"id": int(i), "label": int(lab), "split": str(s), "mse": float(e),
+              "psnr": psnr(float(e))} for i, lab, s, e in zip(ids, labels, splits, errors,
+                                                                strict=True)]
+    result["metrics"] = str(_write_metrics(folder / "metrics.csv", table))
+    result["picture"] = str(save_reconstruction_grid(originals[:shown], decoded[:shown],
+                                                     folder / "reconstructions.png"))
+    mean_mse = float(errors.mean())
+    result.update(mse=mean_mse, psnr=psnr(mean_mse),
+                  mean_image_psnr=float(np.mean([min(r["psnr"], 99.0) for r in table])))
+    if int(model.mean_image_count) > 0:  # the trivial baseline on the same images
+        baseline = model.mean_image.cpu()
+        result["baseline_psnr"] = psnr(float(((originals - baseline) ** 2).mean()))
+    result["table"] = [{k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v)
+                        for k, v in r.items()} for r in table[:50]]
+    return result
+
