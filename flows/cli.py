@@ -449,11 +449,25 @@ def serve(config_path: str | None, checkpoint: str | None, fmt: str, shard_size:
     """Serve the pipeline on a schedule (blocks; needs a Prefect server, see the README)."""
     from vqtok.flows.pipeline import tokenize_dataset
 
+    _check_cron(cron)
     if checkpoint:  # a scheduled run at 3 a.m. is the wrong moment to learn of a typo
         _check_healthy(checkpoint, force)
     parameters = serve_parameters(build_config(config_path), checkpoint, FORMATS[fmt],
                                   shard_size, out, force)
     tokenize_dataset.serve(name=name, cron=cron, parameters=parameters)
+
+
+def _check_cron(cron: str) -> None:
+    """Prefect's own cron parser, asked before serving: its error is a pydantic traceback."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cron)
+    except ValidationError:
+        raise click.BadParameter(
+            f"{cron!r} is not a cron schedule; give five fields (minute hour day-of-month "
+            "month day-of-week), e.g. '0 3 * * *'", param_hint="'--cron'") from None
 
 
 def serve_parameters(config: Any, checkpoint: str | None, formats: list[str], shard_size: int,

@@ -452,3 +452,12 @@ def test_output_folder_without_write_permission(kit):
         for path in [base, *base.rglob("*")]:
             path.chmod(stat.S_IRWXU)
         shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("cron", ["61 * * * *", "every night", "0 3 * *"])
+def test_serve_with_a_bad_cron_is_refused_before_prefect_serves(kit, tmp_path, cron):
+    assert fails("serve", "--checkpoint", kit["checkpoint"], "--out", tmp_path / "o", "--cron",
+                 cron, code=2) == (
+        f"Invalid value for '--cron': {cron!r} is not a cron schedule; give five fields "
+        "(minute hour day-of-month month day-of-week), e.g. '0 3 * * *' (see --help)")
+    assert not (tmp_path / "o").exists()
