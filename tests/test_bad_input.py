@@ -461,3 +461,33 @@ def test_serve_with_a_bad_cron_is_refused_before_prefect_serves(kit, tmp_path, c
         f"Invalid value for '--cron': {cron!r} is not a cron schedule; give five fields "
         "(minute hour day-of-month month day-of-week), e.g. '0 3 * * *' (see --help)")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("labels", "expected"), [
+    (np.array(["cat", "dog"] * 20), "'labels' must be integer class ids, got dtype <U3; map "
+     "class names to 0, 1, 2, ... before saving"),
+    (np.r_[np.arange(5.0), np.nan, np.zeros(34)], "'labels' must be whole class ids; entry 5 "
+     "is np.float64(nan); store -1 for an image without a label"),
+    (np.r_[np.zeros(3), 1.5, np.zeros(36)], "'labels' must be whole class ids; entry 3 is "
+     "np.float64(1.5); store -1 for an image without a label"),
+    (np.r_[np.zeros(7, dtype=np.int64), -2, np.zeros(32, dtype=np.int64)],
+     "'labels' entry 7 is -2; class ids must be 0 to 2147483647 (-1 for no label)"),
+    (np.r_[np.zeros(7, dtype=np.int64), 2**40, np.zeros(32, dtype=np.int64)],
+     f"'labels' entry 7 is {2**40}; class ids must be 0 to 2147483647 (-1 for no label)"),
+])
+def test_npz_labels_that_are_not_class_ids_name_the_file_and_entry(kit, tmp_path, labels,
+                                                                     expected):
+    bad = tmp_path / "labelled.npz"
+    with np.load(kit["npz"]) as archive:
+        np.savez(bad, images=archive["images"], labels=labels)
+    out = tmp_path / "out"
+    assert fails("encode", "--checkpoint", kit["checkpoint"], "--dataset", f"npz:{bad}",
+                 "--out", out) == f"{bad}: {expected}"
+    assert not out.exists()
+    with np.load(kit["npz"]) as archive:  # whole floats are fine: they are class ids
+        np.savez(bad, images=archive["images"], labels=archive["labels"].astype(np.float32))
+    from vqtok.tokenizer import open_source
+    from vqtok.tokenizer.config import DataConfig
+
+    source = open_source(DataConfig(dataset=f"npz:{bad}", image_size=8))
+    assert source.load_batch([0, 1, 2, 3])[1].tolist() == [0, 1, 2, 3]
