@@ -213,6 +213,17 @@ def _check_data(data: Any) -> None:
     cached_source(data if isinstance(data, DataConfig) else DataConfig.model_validate(data))
 
 
+def _check_fits(checkpoint: str, data: Any) -> None:
+    """The data has the channels and a size the checkpoint's model can take."""
+    from vqtok.flows.runtime import check_data_fits, checkpoint_config
+    from vqtok.tokenizer.config import DataConfig
+
+    if data is not None:
+        config, _ = checkpoint_config(checkpoint)
+        check_data_fits(config, data if isinstance(data, DataConfig)
+                        else DataConfig.model_validate(data))
+
+
 def _check_tokens_match(tokens: str, checkpoint: str) -> None:
     from vqtok.storage import read_meta
 
@@ -317,6 +328,7 @@ def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
         runner_options(cluster)  # a bad --cluster fails before anything starts
     _check_healthy(checkpoint, force)
     data = _encode_data(checkpoint, dataset, data_root, config_path)
+    _check_fits(checkpoint, data)
     _check_data(data)
     _check_model(checkpoint, device)
     _check_out(out)

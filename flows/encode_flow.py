@@ -25,7 +25,14 @@ from prefect.artifacts import create_markdown_artifact
 from vqtok.flows.errors import located
 from vqtok.flows.progress import image_progress
 from vqtok.flows.retry import retry_on_io_error
-from vqtok.flows.runtime import RunPaths, cached_model, cached_source, checkpoint_config, token_meta
+from vqtok.flows.runtime import (
+    RunPaths,
+    cached_model,
+    cached_source,
+    check_data_fits,
+    checkpoint_config,
+    token_meta,
+)
 from vqtok.storage import ShardedTokenStore, ShardSpec, TokenMeta
 from vqtok.tokenizer.accel import Accel, encode_batch_size
 from vqtok.tokenizer.config import DataConfig
@@ -156,6 +163,7 @@ def encode_flow(
     config, checkpoint_meta = checkpoint_config(checkpoint)
     require_healthy(checkpoint_meta, force)
     data_cfg = DataConfig.model_validate(data) if data else config.data
+    check_data_fits(config, data_cfg)
     source = cached_source(data_cfg)
     # With a cluster the workers encode; here the model is only read for the metadata.
     model = cached_model(checkpoint, "cpu" if cluster else device)

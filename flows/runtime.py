@@ -16,7 +16,7 @@ from typing import Any
 from vqtok.storage import TokenMeta
 from vqtok.tokenizer import VQVAE, __version__, load_tokenizer
 from vqtok.tokenizer.checkpoint import read_checkpoint_meta, stored_config
-from vqtok.tokenizer.config import Config, DataConfig
+from vqtok.tokenizer.config import Config, ConfigError, DataConfig
 from vqtok.tokenizer.data import ImageSource, open_source
 from vqtok.tokenizer.train import resolve_device
 
@@ -51,6 +51,22 @@ class RunPaths:
 def checkpoint_config(checkpoint: str | Path) -> tuple[Config, dict[str, Any]]:
     meta = read_checkpoint_meta(checkpoint)
     return stored_config(meta), meta
+
+
+def check_data_fits(model_config: Config, data: DataConfig) -> None:
+    """The data a checkpoint is asked to encode has the shape its model takes, or one
+    ConfigError saying which key to change (not a convolution's error from deep inside)."""
+    want = model_config.data.channels
+    if data.channels != want:
+        raise ConfigError(
+            f"{data.dataset}: data.channels is {data.channels}, the checkpoint's model takes "
+            f"{want}-channel images; set data.channels: {want} (images are converted)")
+    factor = 2 ** model_config.model.num_downsamples
+    if data.image_size % factor:
+        raise ConfigError(
+            f"{data.dataset}: data.image_size {data.image_size} is not a multiple of {factor} "
+            f"(the model downsamples {model_config.model.num_downsamples} times); use e.g. "
+            f"{max(factor, data.image_size - data.image_size % factor)}")
 
 
 @lru_cache(maxsize=4)

@@ -491,3 +491,19 @@ def test_npz_labels_that_are_not_class_ids_name_the_file_and_entry(kit, tmp_path
 
     source = open_source(DataConfig(dataset=f"npz:{bad}", image_size=8))
     assert source.load_batch([0, 1, 2, 3])[1].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"channels": 3}, "data.channels is 3, the checkpoint's model takes 1-channel images; set "
+     "data.channels: 1 (images are converted)"),
+    ({"image_size": 10}, "data.image_size 10 is not a multiple of 4 (the model downsamples 2 "
+     "times); use e.g. 8"),
+])
+def test_a_config_the_checkpoints_model_cannot_take_is_refused_up_front(kit, tmp_path, data,
+                                                                          expected):
+    config = write_config(tmp_path / "other.yaml",
+                          {"data": {"dataset": f"npz:{kit['npz']}", "image_size": 8, **data}})
+    out = tmp_path / "out"
+    assert fails("encode", "--checkpoint", kit["checkpoint"], "--config", config, "--out", out,
+                 code=2) == f"npz:{kit['npz']}: {expected}"
+    assert not out.exists()
