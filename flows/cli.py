@@ -36,10 +36,23 @@ def _known_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseExc
     return (ConfigError,), failures
 
 
+# Console lines of Prefect's that only restate a failure the CLI reports itself in its one
+# `error:` line, or that follow it (the server stopping, events still being flushed). The
+# Prefect API keeps every flow and task run log; --debug shows everything on the console.
+_RESTATING = ("Finished in state Failed", "Finished in state Crashed",
+              "Stopping temporary server", "Still processing items")
+
+
 class _OneLineRecords(logging.Filter):
-    """Drops tracebacks from Prefect's log lines: the CLI prints one line per error itself."""
+    """Keeps Prefect's console to progress lines: no tracebacks, no ERROR records, nothing
+    that restates the error the CLI prints once itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.name.startswith("prefect"):
+            return False
+        message = record.getMessage() if record.args else str(record.msg)
+        if any(marker in message for marker in _RESTATING):
+            return False
         record.exc_info, record.exc_text = None, None
         if isinstance(record.msg, str) and "Traceback (most recent call last)" in record.msg:
             record.msg = record.msg.split("\n", 1)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def make_checkpoint(folder: Path, raw: dict, seed: int = 0) -> Path:
     return folder
 
 
+PREFECT_LINE = re.compile(r"\d\d:\d\d:\d\d\.\d+ \| ")  # Prefect's console log lines
+
+
 def fails(*args: object, code: int = 1) -> str:
     """Run the CLI, check the exit code and the single error line; return its message."""
     from click.testing import CliRunner
@@ -57,8 +61,12 @@ def fails(*args: object, code: int = 1) -> str:
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0][len("error: "):]
+    ours = [line for line in lines if not PREFECT_LINE.match(line)]
+    assert len(ours) == 1 and ours[0].startswith("error: "), result.stderr
+    assert lines[-1] == ours[0], result.stderr  # nothing follows the error line
+    restating = [line for line in lines if "| ERROR" in line or "Failed(" in line]
+    assert restating == [], result.stderr  # Prefect's console does not repeat the error
+    return ours[0][len("error: "):]
 
 
 def tree(folder: Path) -> dict[str, bytes]:

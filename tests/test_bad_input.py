@@ -121,6 +121,11 @@ def test_corrupt_image_is_named_and_finished_shards_are_kept(kit, tmp_path):
         "train", "train/_part-00000.done.json", "train/_part-00001.done.json",
         "train/part-00000.h5", "train/part-00000.parquet", "train/part-00001.h5",
         "train/part-00001.parquet"]
+    # Read in DataLoader worker processes, the same line names the same file.
+    again = fails("encode", "--checkpoint", kit["checkpoint"], "--dataset", f"imagefolder:{root}",
+                  "--out", tmp_path / "out-workers", "--shard-size", "4", "--quiet",
+                  "--workers", "2")
+    assert again == message
 
 
 @pytest.mark.usefixtures("prefect_harness")

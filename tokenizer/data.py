@@ -116,13 +116,27 @@ def iterate_id_batches(
     if num_workers > 0 or (pin and prefetch == 0):
         loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
                             prefetch_factor=max(prefetch, 2) if num_workers else None)
-        yield from loader
+        try:
+            yield from loader
+        except DataError as exc:
+            raise DataError(_worker_message(str(exc))) from None
         return
     items = (_pinned(dataset[i]) if pin else dataset[i] for i in range(len(dataset)))
     if prefetch > 0:
         yield from prefetched(items, prefetch)
     else:
         yield from items
+
+
+def _worker_message(text: str) -> str:
+    """A worker's DataError as torch re-raises it ("Caught DataError in DataLoader worker
+    process 0.", then the worker's traceback) back to its own one-line message, which names
+    the file."""
+    if not text.startswith("Caught DataError"):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    _, sep, message = last.partition("DataError: ")
+    return message if sep else last
 
 
 def _pinned(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
