@@ -21,16 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from quality_common import (
-    build_recipes,
-    check_targets,
-    evaluate,
-    parse_seeds,
-    print_table,
-    train_interleaved,
-    training_mean,
-    worst,
-)
+from quality_common import add_run_arguments, run_seeds, summarize_seeds
 from vqtok.tokenizer.config import Config, load_config
 from vqtok.tokenizer.data import open_source
 
@@ -41,13 +32,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--npz", default="../shared/data/cifar10-dev/cifar10_train_4000.npz")
     parser.add_argument("--out", default="runs/quality-cifar")
-    parser.add_argument("--config", default=None, help="YAML overriding vqtok's defaults")
-    parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2,3,4")
-    parser.add_argument("--threads", type=int, default=None)
+    add_run_arguments(parser)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--tune", action="store_true",
                         help="train on images 0-1,999, measure on 2,000-2,999")
-    parser.add_argument("--skip-lecture", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,29 +55,10 @@ def main() -> None:
         raise SystemExit(f"error: {args.npz} holds {len(ids)} images; this benchmark needs 4,000")
     train_ids, test_ids = (ids[:2000], ids[2000:3000]) if args.tune else (ids[:3000],
                                                                           ids[3000:4000])
-    baseline = training_mean(source, train_ids)
-
-    rows, seeds = [], parse_seeds(args.seeds)
-    for seed in seeds:
-        config = budget.with_overrides(seed=seed)
-        print(f"seed {seed}: training", flush=True)
-        recipes = build_recipes(config, source.channels, lecture=not args.skip_lecture)
-        seconds, steps = train_interleaved(recipes, config, source, train_ids, args.epochs)
-        for name, model in recipes.items():
-            metrics, _ = evaluate(model, source, test_ids, baseline)
-            ratio = seconds["vqtok"] / seconds["lecture"] if "lecture" in seconds else None
-            rows.append({"seed": seed, "recipe": name, **metrics,
-                         "train_seconds": seconds[name],
-                         "time_ratio": ratio if name == "vqtok" else None})
-
-    print_table(rows)
+    rows, steps = run_seeds(args, budget, source, train_ids, test_ids, epochs=args.epochs)
     split = "tuning split (train 0-1999, measure 2000-2999)" if args.tune else \
         "measuring split (train 0-2999, measure 3000-3999)"
-    summary = {"steps": steps, "threads": torch.get_num_threads(), "seeds": seeds,
-               "split": split, "rows": rows, "worst": worst(rows), "targets": TARGETS}
-    if not args.skip_lecture:
-        summary["worst_lecture"] = worst(rows, "lecture")
-    summary["met"] = check_targets(summary["worst"], TARGETS)
+    summary = summarize_seeds(args, rows, steps, TARGETS, split=split)
     w = summary["worst"]
     print(f"worst seed (vqtok, {split}): PSNR {w['psnr']:.2f} dB (seed {w['psnr_seed']}), "
           f"usage {w['usage']:.1%}; targets met: {summary['met']}")

@@ -149,3 +149,54 @@ def check_targets(summary: dict[str, Any], targets: dict[str, float]) -> dict[st
     if "time_ratio" in targets and summary.get("time_ratio") is not None:
         met["time_ratio"] = summary["time_ratio"] <= targets["time_ratio"]
     return met
+
+
+def add_run_arguments(parser: Any) -> None:
+    """The options both quality benchmarks take."""
+    parser.add_argument("--config", default=None, help="YAML overriding vqtok's defaults")
+    parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2,3,4")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--skip-lecture", action="store_true")
+
+
+def run_seeds(args: Any, budget: Config, source: ImageSource, train_ids: np.ndarray,
+              test_ids: np.ndarray, epochs: int, max_steps: int | None = None,
+              on_first: Callable[..., None] | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Train the recipes side by side for each seed of ``args.seeds`` and measure them on
+    ``test_ids``: one row per seed and recipe. ``on_first(model, config, metrics, grid,
+    steps)`` gets the first seed's vqtok model (to save it)."""
+    baseline = training_mean(source, train_ids)
+    rows: list[dict[str, Any]] = []
+    seeds = parse_seeds(args.seeds)
+    steps = 0
+    for seed in seeds:
+        config = budget.with_overrides(seed=seed)
+        print(f"seed {seed}: training", flush=True)
+        recipes = build_recipes(config, source.channels, lecture=not args.skip_lecture)
+        seconds, steps = train_interleaved(recipes, config, source, train_ids, epochs=epochs,
+                                           max_steps=max_steps)
+        for name, model in recipes.items():
+            metrics, grid = evaluate(model, source, test_ids, baseline)
+            ratio = seconds["vqtok"] / seconds["lecture"] if "lecture" in seconds else None
+            rows.append({"seed": seed, "recipe": name, **metrics,
+                         "train_seconds": seconds[name],
+                         "time_ratio": ratio if name == "vqtok" else None})
+            print(f"  {name}: PSNR {metrics['psnr']:.2f} dB (baseline "
+                  f"{metrics['baseline_psnr']:.2f}), usage {metrics['usage']:.1%}", flush=True)
+            if on_first and name == "vqtok" and seed == seeds[0]:
+                on_first(model, config, metrics, grid, steps)
+    return rows, steps
+
+
+def summarize_seeds(args: Any, rows: list[dict[str, Any]], steps: int,
+                    targets: dict[str, float], **extra: Any) -> dict[str, Any]:
+    """Print the per-seed table; the JSON summary with the worst seed against ``targets``."""
+    print_table(rows)
+    summary = {"steps": steps, "threads": torch.get_num_threads(),
+               "seeds": parse_seeds(args.seeds), **extra, "rows": rows, "worst": worst(rows),
+               "targets": targets}
+    if not args.skip_lecture:
+        summary["worst_lecture"] = worst(rows, "lecture")
+    summary["met"] = check_targets(summary["worst"], targets)
+    return summary

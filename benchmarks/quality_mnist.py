@@ -22,16 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from quality_common import (
-    build_recipes,
-    check_targets,
-    evaluate,
-    parse_seeds,
-    print_table,
-    train_interleaved,
-    training_mean,
-    worst,
-)
+from quality_common import add_run_arguments, run_seeds, summarize_seeds
 from vqtok.tokenizer.checkpoint import save_checkpoint
 from vqtok.tokenizer.config import Config, load_config
 from vqtok.tokenizer.data import open_source
@@ -44,12 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="../shared/data/mnist")
     parser.add_argument("--out", default="runs/quality")
-    parser.add_argument("--config", default=None, help="YAML overriding vqtok's defaults")
-    parser.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1,2,3,4")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice)")
+    add_run_arguments(parser)
     parser.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
-    parser.add_argument("--skip-lecture", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,39 +52,19 @@ def main() -> None:
     })
     source = open_source(budget.data)
     train_ids, test_ids = source.split_ids("train"), source.split_ids("test")
-    baseline = training_mean(source, train_ids)
 
-    rows, seeds = [], parse_seeds(args.seeds)
-    for seed in seeds:
-        config = budget.with_overrides(seed=seed)
-        print(f"seed {seed}: training", flush=True)
-        recipes = build_recipes(config, source.channels, lecture=not args.skip_lecture)
-        seconds, steps = train_interleaved(recipes, config, source, train_ids, epochs=1,
-                                           max_steps=args.max_steps)
-        for name, model in recipes.items():
-            metrics, grid = evaluate(model, source, test_ids, baseline)
-            ratio = seconds["vqtok"] / seconds["lecture"] if "lecture" in seconds else None
-            rows.append({"seed": seed, "recipe": name, **metrics,
-                         "train_seconds": seconds[name],
-                         "time_ratio": ratio if name == "vqtok" else None})
-            print(f"  {name}: PSNR {metrics['psnr']:.2f} dB (baseline "
-                  f"{metrics['baseline_psnr']:.2f}), usage {metrics['usage']:.1%}", flush=True)
-            if name == "vqtok" and seed == seeds[0]:
-                np.save(out / "test_codes.npy", grid.astype(np.uint16))
-                save_checkpoint(out / "checkpoint", model, config,
-                                {"step": steps, "epochs_done": 1, "validation": metrics})
-                x, _ = source.load_batch(test_ids[:32])
-                with torch.no_grad():
-                    model.eval()
-                    save_reconstruction_grid(x, model(x).reconstruction,
-                                             out / "reconstructions.png")
+    def save_first(model, config, metrics, grid, steps) -> None:
+        np.save(out / "test_codes.npy", grid.astype(np.uint16))
+        save_checkpoint(out / "checkpoint", model, config,
+                        {"step": steps, "epochs_done": 1, "validation": metrics})
+        x, _ = source.load_batch(test_ids[:32])
+        with torch.no_grad():
+            model.eval()
+            save_reconstruction_grid(x, model(x).reconstruction, out / "reconstructions.png")
 
-    print_table(rows)
-    summary = {"steps": steps, "threads": torch.get_num_threads(), "seeds": seeds,
-               "rows": rows, "worst": worst(rows), "targets": TARGETS}
-    if not args.skip_lecture:
-        summary["worst_lecture"] = worst(rows, "lecture")
-    summary["met"] = check_targets(summary["worst"], TARGETS)
+    rows, steps = run_seeds(args, budget, source, train_ids, test_ids, epochs=1,
+                            max_steps=args.max_steps, on_first=save_first)
+    summary = summarize_seeds(args, rows, steps, TARGETS)
     w = summary["worst"]
     ratio = f", time ratio <= {w['time_ratio']:.2f}x" if w["time_ratio"] is not None else ""
     print(f"worst seed (vqtok, {torch.get_num_threads()} threads): PSNR {w['psnr']:.2f} dB "
