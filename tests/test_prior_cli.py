@@ -16,7 +16,7 @@ from vqtok.tokenizer.checkpoint import build_model, load_tokenizer, save_checkpo
 from vqtok.tokenizer.config import parse_config
 
 from tests.conftest import TINY
-from tests.helpers import write_npz
+from tests.helpers import PREFECT_LINE, write_npz
 
 TRAIN = ["--steps", "40", "--batch-size", "16", "--d-model", "16", "--layers", "1", "--heads",
          "2", "--checkpoint-every", "20", "--lr", "0.01", "--device", "cpu"]
@@ -25,7 +25,7 @@ TRAIN = ["--steps", "40", "--batch-size", "16", "--d-model", "16", "--layers", "
 def printed(result) -> list[str]:
     """What the command printed itself, without Prefect's time-stamped log lines."""
     return [line for line in result.output.strip().splitlines()
-            if not re.match(r"\d\d:\d\d:\d\d\.\d+ \| ", line)]
+            if not PREFECT_LINE.match(line)]
 
 
 @pytest.fixture(scope="module")

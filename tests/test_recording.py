@@ -4,6 +4,7 @@ unless a server is configured, and are recorded as flow runs when one is."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -56,8 +57,6 @@ def store(tmp_path_factory, prefect_harness):
 
 
 def _env(root, **extra: str) -> dict[str, str]:
-    import os
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     return {**env, "PREFECT_HOME": str(root / "prefect-home"), **extra}
 
