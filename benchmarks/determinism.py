@@ -29,7 +29,7 @@ from vqtok.tokenizer import load_tokenizer, open_source
 from vqtok.tokenizer.checkpoint import read_checkpoint_meta
 from vqtok.tokenizer.config import DataConfig
 from vqtok.tokenizer.encode import encode_ids
-from vqtok.tokenizer.quantizer import nearest_code
+from vqtok.tokenizer.quantizers.vq import nearest_code
 
 REFERENCE = 256
 

@@ -33,7 +33,7 @@ import torch
 from vqtok.tokenizer import load_tokenizer, save_checkpoint
 from vqtok.tokenizer.checkpoint import build_model
 from vqtok.tokenizer.config import Config, DataConfig
-from vqtok.tokenizer.data import open_source
+from vqtok.tokenizer.sources import open_source
 
 TARGET = 0.85
 

@@ -27,9 +27,9 @@ from vqtok.tokenizer import load_tokenizer
 from vqtok.tokenizer.accel import Accel, encode_batch_size
 from vqtok.tokenizer.checkpoint import build_model
 from vqtok.tokenizer.config import Config, DataConfig
-from vqtok.tokenizer.data import iterate_id_batches, open_source, split_batches
 from vqtok.tokenizer.encode import encode_ids
-from vqtok.tokenizer.train import resolve_device
+from vqtok.tokenizer.sources import iterate_id_batches, open_source, split_batches
+from vqtok.tokenizer.training import resolve_device
 
 
 def _sync(device: torch.device) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vqtok.tokenizer.quantizer import QuantizerOutput
+from vqtok.tokenizer.quantizers.vq import QuantizerOutput
 
 
 class LectureQuantizer(nn.Module):

@@ -2,7 +2,7 @@
 
 On the tokens of the quality benchmark's tokenizer (K = 512, 7x7 grids; 60k train / 10k test):
 
-1. trains the reference prior (tokenizer/prior.py) for a fixed number of steps (the budget is
+1. trains the reference prior (tokenizer/prior/model.py) for a fixed number of steps (the budget is
    steps, not seconds, so runs on a busy machine stay comparable: the default is about ten
    minutes on an idle 2-core CPU);
 2. held-out (test split) NLL in bits per token, with and without the label, next to the
@@ -39,12 +39,12 @@ from vqtok.flows.prior_flow import prior_data_meta
 from vqtok.storage import TokenDataset, load_grid
 from vqtok.tokenizer import load_tokenizer, open_source
 from vqtok.tokenizer.config import DataConfig
-from vqtok.tokenizer.prior_checkpoint import load_prior
-from vqtok.tokenizer.prior_config import PriorConfig
-from vqtok.tokenizer.prior_train import evaluate_prior, stack_dataset, train_prior
+from vqtok.tokenizer.prior.checkpoint import load_prior
+from vqtok.tokenizer.prior.config import PriorConfig
+from vqtok.tokenizer.prior.train import evaluate_prior, stack_dataset, train_prior
 
 TARGETS = {"nll_vs_unigram": 0.6, "class_accuracy": 0.8}
-# The prior's defaults (tokenizer/prior_config.py): d_model 128, 4 layers, 4 heads, batch 128,
+# The prior's defaults (tokenizer/prior/config.py): d_model 128, 4 layers, 4 heads, batch 128,
 # peak lr 2e-3 (warm-up 100 steps, cosine to 2e-4), AdamW weight decay 0.05, dropout 0.1,
 # label dropout 0.1. 1000 steps are ~0.6 s each on an idle 2-core CPU (1.06 s of CPU time
 # each on one core), about ten minutes.

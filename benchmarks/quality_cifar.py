@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from quality_common import add_run_arguments, run_seeds, summarize_seeds
 from vqtok.tokenizer.config import Config, load_config
-from vqtok.tokenizer.data import open_source
+from vqtok.tokenizer.sources import open_source
 
 TARGETS = {"usage": 0.98, "psnr": 23.0}
 

@@ -1,7 +1,7 @@
 """What the quality benchmarks share: the two recipes, their interleaved training, held-out
 figures with the mean-image baseline, and the per-seed table.
 
-vqtok's recipe is trained exactly as ``tokenizer.train.train`` trains it (``start_fresh``
+vqtok's recipe is trained exactly as ``tokenizer.training.train`` trains it (``start_fresh``
 before the first step, ``make_optimizer``, the quantizer warm-up of ``warmup_steps``); the
 lecture's recipe is the same widths with the lecture's quantizer and none of vqtok's
 additions (ReLU, raw [0, 1] input, default output bias, no warm-up, Adam's default betas).
@@ -20,10 +20,10 @@ import torch
 from lecture_vq import LectureQuantizer
 from vqtok.tokenizer.checkpoint import build_model
 from vqtok.tokenizer.config import Config
-from vqtok.tokenizer.data import ImageSource
 from vqtok.tokenizer.health import mean_image
+from vqtok.tokenizer.sources import ImageSource
 from vqtok.tokenizer.stats import code_histogram, psnr, usage_summary
-from vqtok.tokenizer.train import make_optimizer, start_fresh, warmup_steps
+from vqtok.tokenizer.training import make_optimizer, start_fresh, warmup_steps
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -25,7 +25,7 @@ import torch
 from quality_common import add_run_arguments, run_seeds, summarize_seeds
 from vqtok.tokenizer.checkpoint import save_checkpoint
 from vqtok.tokenizer.config import Config, load_config
-from vqtok.tokenizer.data import open_source
+from vqtok.tokenizer.sources import open_source
 from vqtok.tokenizer.visualize import save_reconstruction_grid
 
 TARGETS = {"usage": 0.98, "perplexity": 100.0, "psnr": 24.5, "time_ratio": 1.3}

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 from lecture_vq import LectureQuantizer
-from vqtok.tokenizer.quantizer import CPU_BLOCK_BYTES, CPU_MIN_BLOCK_ROWS, VectorQuantizer
+from vqtok.tokenizer.quantizers.vq import CPU_BLOCK_BYTES, CPU_MIN_BLOCK_ROWS, VectorQuantizer
 
 CANDIDATES = ("limit", "vqtok-noema", "vqtok-ema", "lecture", "vqlib")
 LABELS = {

@@ -28,9 +28,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 def _known_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """(usage errors -> exit 2, failures -> exit 1); imported late to keep --help fast."""
-    from vqtok.flows.runtime import PipelineError
-    from vqtok.storage import TokenStoreError
-    from vqtok.tokenizer import CheckpointError, ConfigError, DataError, TrainingError
+    from vqtok.flows.errors import PipelineError
+    from vqtok.storage.errors import TokenStoreError
+    from vqtok.tokenizer.errors import CheckpointError, ConfigError, DataError, TrainingError
 
     failures = (DataError, CheckpointError, TrainingError, TokenStoreError, PipelineError, OSError)
     return (ConfigError,), failures
@@ -360,7 +360,7 @@ def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
 def stats(tokens: str | None, out: str) -> None:
     """Codebook usage of a token store: stats.json, usage.png, position_entropy.png."""
     from vqtok.flows.recording import uses_prefect
-    from vqtok.flows.runtime import RunPaths
+    from vqtok.flows.run_folder import RunPaths
     from vqtok.flows.usage_stats import usage_stats
     from vqtok.storage import read_meta
 

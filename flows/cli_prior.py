@@ -43,7 +43,7 @@ OVERRIDES = {"seed": "seed", "d_model": "model.d_model", "layers": "model.n_laye
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Output folder (e.g. RUN/prior); re-running on it resumes.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="YAML prior config (seed, model, train); see tokenizer/prior_config.py.")
+              help="YAML prior config (seed, model, train); see tokenizer/prior/config.py.")
 @click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default 1000).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Grids per step (default 128).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
@@ -64,7 +64,7 @@ def train(tokens: str, out: str, config_path: str | None, train_split: str,
     """Train (or resume) a prior on a token store; reports held-out bits per token."""
     from vqtok.flows.prior_flow import prior_train_flow
     from vqtok.storage import read_meta
-    from vqtok.tokenizer.prior_config import load_prior_config
+    from vqtok.tokenizer.prior.config import load_prior_config
 
     config = load_prior_config(config_path).with_overrides(
         **{OVERRIDES[k]: v for k, v in overrides.items()})
@@ -101,7 +101,7 @@ def sample(prior_path: str, out: str, n: int, label: int | None, temperature: fl
     """Sample token grids from a prior into a token file, and decode them to a PNG."""
     from vqtok.flows.prior_flow import prior_sample_flow
     from vqtok.tokenizer.checkpoint import read_checkpoint_meta
-    from vqtok.tokenizer.prior_checkpoint import read_prior_meta
+    from vqtok.tokenizer.prior.checkpoint import read_prior_meta
 
     meta = read_prior_meta(prior_path)  # fail before Prefect starts
     classes = meta["shape"]["num_classes"]

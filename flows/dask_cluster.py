@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from typing import Any
 
-from vqtok.flows.runtime import PipelineError
+from vqtok.flows.errors import PipelineError
 
 # How long the cluster may have no worker at all while shards are waiting. A nanny restarts
 # a dead worker within seconds; a cluster that stays empty this long will not recover.

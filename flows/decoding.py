@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from vqtok.flows.runtime import PipelineError, cached_model, cached_source
+from vqtok.flows.errors import PipelineError
+from vqtok.flows.runtime import cached_model, cached_source
 from vqtok.storage import load_grid, read_meta
 from vqtok.tokenizer.config import DataConfig
-from vqtok.tokenizer.data import DataError
+from vqtok.tokenizer.sources import DataError
 from vqtok.tokenizer.stats import psnr
 from vqtok.tokenizer.visualize import save_image_grid, save_reconstruction_grid
 

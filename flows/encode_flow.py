@@ -25,8 +25,8 @@ from prefect.artifacts import create_markdown_artifact
 from vqtok.flows.errors import located
 from vqtok.flows.progress import image_progress
 from vqtok.flows.retry import retry_on_io_error
+from vqtok.flows.run_folder import RunPaths
 from vqtok.flows.runtime import (
-    RunPaths,
     cached_model,
     cached_source,
     check_data_fits,

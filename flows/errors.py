@@ -24,6 +24,10 @@ _HINTS = {
 }
 
 
+class PipelineError(RuntimeError):
+    """A pipeline step cannot go on; the message says why and what to do."""
+
+
 class OutputNotWritable(OSError):
     """``--out`` cannot be written; raised before any work starts."""
 

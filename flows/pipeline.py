@@ -10,7 +10,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from vqtok.flows.decode_flow import decode_flow
 from vqtok.flows.encode_flow import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, encode_flow
-from vqtok.flows.runtime import RunPaths, cached_source, checkpoint_config
+from vqtok.flows.run_folder import RunPaths
+from vqtok.flows.runtime import cached_source, checkpoint_config
 from vqtok.flows.stats_flow import stats_flow
 from vqtok.flows.train_flow import train_flow
 from vqtok.tokenizer.config import parse_config

@@ -1,7 +1,7 @@
 """prior_train_flow / prior_sample_flow: a token store -> a prior -> new token grids -> images.
 
 Training reads the store through ``storage.TokenDataset`` and hands the datasets to
-``tokenizer.prior_train``. Sampling writes a token file with the store's schema (split
+``tokenizer.prior.train``. Sampling writes a token file with the store's schema (split
 ``sample``, ids 0..n-1, the requested label or -1) whose metadata is the training tokens',
 so ``decode_flow`` decodes it with the tokenizer that made them, and nothing else.
 """
@@ -16,13 +16,13 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from vqtok.flows.decode_flow import decode_flow
-from vqtok.flows.runtime import PipelineError
+from vqtok.flows.errors import PipelineError
 from vqtok.storage import ParquetTokenWriter, TokenDataset, TokenMeta, load_grid
 from vqtok.tokenizer.checkpoint import CheckpointError, read_checkpoint_meta
-from vqtok.tokenizer.prior_checkpoint import load_prior, read_prior_meta
-from vqtok.tokenizer.prior_config import parse_prior_config
-from vqtok.tokenizer.prior_train import train_prior
-from vqtok.tokenizer.train import resolve_device
+from vqtok.tokenizer.prior.checkpoint import load_prior, read_prior_meta
+from vqtok.tokenizer.prior.config import parse_prior_config
+from vqtok.tokenizer.prior.train import train_prior
+from vqtok.tokenizer.training import resolve_device
 
 HELDOUT_SPLITS = ("validation", "test")
 SAMPLE_SPLIT = "sample"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,35 +16,8 @@ from vqtok.storage import TokenMeta
 from vqtok.tokenizer import VQVAE, __version__, load_tokenizer
 from vqtok.tokenizer.checkpoint import read_checkpoint_meta, stored_config
 from vqtok.tokenizer.config import Config, ConfigError, DataConfig
-from vqtok.tokenizer.data import ImageSource, open_source
-from vqtok.tokenizer.train import resolve_device
-
-
-class PipelineError(RuntimeError):
-    """A pipeline step cannot go on; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """One run folder holds everything a pipeline run makes."""
-
-    root: Path
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "checkpoint"
-
-    @property
-    def tokens(self) -> Path:
-        return self.root / "tokens"
-
-    @property
-    def stats(self) -> Path:
-        return self.root / "stats"
-
-    @property
-    def decode(self) -> Path:
-        return self.root / "decode"
+from vqtok.tokenizer.sources import ImageSource, open_source
+from vqtok.tokenizer.training import resolve_device
 
 
 def checkpoint_config(checkpoint: str | Path) -> tuple[Config, dict[str, Any]]:

@@ -102,7 +102,7 @@ def describe_tokens(path: Path) -> str:
 
 def _prior_meta(path: Path) -> dict[str, Any] | None:
     from vqtok.tokenizer.checkpoint import CheckpointError
-    from vqtok.tokenizer.prior_checkpoint import read_prior_meta
+    from vqtok.tokenizer.prior.checkpoint import read_prior_meta
 
     try:
         return read_prior_meta(path)

@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from vqtok.tokenizer.config import parse_config
 from vqtok.tokenizer.health import quality_line
 from vqtok.tokenizer.launch import train_distributed
-from vqtok.tokenizer.train import train
+from vqtok.tokenizer.training import train
 
 
 @task(name="train-tokenizer")

@@ -29,6 +29,28 @@ def _open(path: str | os.PathLike[str]) -> pq.ParquetFile:
         raise TokenStoreError(path, f"not a readable Parquet file ({exc})") from None
 
 
+def _values(array: pa.Array, dtype: np.dtype) -> np.ndarray:
+    """A primitive array's values as a NumPy view of its data buffer, without a copy
+    (``Array.to_numpy`` would import pandas, half a second of a one-shot command)."""
+    if pa.from_numpy_dtype(dtype) != array.type:
+        raise TypeError(f"codes are {array.type}, the metadata says {dtype}")
+    data = array.buffers()[1]
+    if data is None:
+        return np.empty(0, dtype=dtype)
+    return np.frombuffer(data, dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
+
+
+def _column_values(column: pa.ChunkedArray, where: object) -> np.ndarray:
+    """A primitive column as one NumPy array (a view when it is one chunk)."""
+    if column.null_count:
+        raise TokenStoreError(where, f"column of {column.type} has null rows; the file is corrupt")
+    dtype = np.dtype(column.type.to_pandas_dtype())
+    parts = [_values(chunk, dtype) for chunk in column.chunks]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+
 def _codes(column: pa.ChunkedArray, meta: TokenMeta, where: object) -> np.ndarray:
     """Zero-copy for a single row group, one copy otherwise.
 
@@ -38,10 +60,10 @@ def _codes(column: pa.ChunkedArray, meta: TokenMeta, where: object) -> np.ndarra
     shape = (meta.grid_h, meta.grid_w)
     if column.null_count:
         raise TokenStoreError(where, "codes column has null rows; the file is corrupt")
-    try:
-        parts = [chunk.flatten().to_numpy(zero_copy_only=True) for chunk in column.chunks]
-    except pa.ArrowInvalid:
-        raise TokenStoreError(where, "codes contain null tokens; the file is corrupt") from None
+    flat = [chunk.flatten() for chunk in column.chunks]
+    if any(values.null_count for values in flat):
+        raise TokenStoreError(where, "codes contain null tokens; the file is corrupt")
+    parts = [_values(values, meta.codes_dtype) for values in flat]
     if not parts:
         return np.empty((0, *shape), dtype=meta.codes_dtype)
     if len(parts) == 1:
@@ -66,7 +88,8 @@ def _splits(column: pa.ChunkedArray, where: object) -> tuple[np.ndarray, tuple[s
         return np.zeros(0, dtype=np.int32), ()
     names = tuple(column.chunk(0).dictionary.to_pylist())
     index = np.concatenate(
-        [chunk.indices.to_numpy(zero_copy_only=False) for chunk in column.chunks]
+        [_values(chunk.indices, np.dtype(chunk.indices.type.to_pandas_dtype()))
+         for chunk in column.chunks]
     )
     return index.astype(np.int32, copy=False), names
 
@@ -82,8 +105,8 @@ def read_parquet_grid(path: str | os.PathLike[str], *, use_threads: bool = True)
                 path, f"cannot decode the Parquet data ({exc}); the file is corrupt"
             ) from None
     codes = _codes(table.column("codes"), meta, path)
-    ids = table.column("id").to_numpy()
-    labels = table.column("label").to_numpy()
+    ids = _column_values(table.column("id"), path)
+    labels = _column_values(table.column("label"), path)
     split_index, split_names = _splits(table.column("split"), path)
     read_only(codes, ids, labels, split_index)
     return check_grid(TokenGrid(codes, ids, labels, split_index, split_names, meta), path)

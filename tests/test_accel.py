@@ -7,9 +7,9 @@ import pytest
 import torch
 from vqtok.tokenizer import load_tokenizer, open_source, train
 from vqtok.tokenizer.accel import Accel, encode_batch_size, fit_batch_size
-from vqtok.tokenizer.data import iterate_batches, prefetched
 from vqtok.tokenizer.encode import encode_ids
-from vqtok.tokenizer.quantizer import nearest_code
+from vqtok.tokenizer.quantizers.vq import nearest_code
+from vqtok.tokenizer.sources import iterate_batches, prefetched
 
 CPU = torch.device("cpu")
 GPU_PATH_ON_CPU = {

@@ -275,7 +275,7 @@ def test_crafted_pickles_are_refused_without_running_them(kit, tmp_path):
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_training_state_that_is_a_pickle_is_refused_on_resume(kit, tmp_path):
-    from vqtok.tokenizer.train import train
+    from vqtok.tokenizer.training import train
 
     config = parse_config(kit["raw"]).with_overrides(**{"train.max_steps": 2})
     train(config, tmp_path / "run", progress=False, log=lambda _: None)

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from vqtok.flows.cli import main
 from vqtok.flows.dask_cluster import runner_options
-from vqtok.flows.runtime import PipelineError
+from vqtok.flows.errors import PipelineError
 from vqtok.storage import load_grid
 from vqtok.tokenizer import save_checkpoint
 from vqtok.tokenizer.checkpoint import build_model

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from vqtok.tokenizer.config import DataConfig
-from vqtok.tokenizer.data import DataError, open_source, read_idx
+from vqtok.tokenizer.sources import DataError, open_source, read_idx
 
 from tests.helpers import write_npz
 

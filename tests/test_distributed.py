@@ -10,7 +10,7 @@ from vqtok.flows.cli import main
 from vqtok.tokenizer import load_tokenizer, open_source
 from vqtok.tokenizer.config import parse_config
 from vqtok.tokenizer.distributed import shard_batch, shard_eval
-from vqtok.tokenizer.train import evaluate
+from vqtok.tokenizer.training import evaluate
 
 from tests.conftest import TINY
 from tests.helpers import write_npz

@@ -3,11 +3,11 @@ robust default recipe: output bias at the data's mean, centred input, quantizer 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from vqtok.flows.cli import main
 from vqtok.tokenizer import TrainingError, load_tokenizer, open_source, train
-from vqtok.tokenizer.checkpoint import build_model, save_checkpoint, weights_hash
+from vqtok.tokenizer.checkpoint import build_model, save_checkpoint
+from vqtok.tokenizer.checkpoint_dir import weights_hash
 from vqtok.tokenizer.config import LEGACY_DEFAULTS, Config
 from vqtok.tokenizer.health import (
     HEALTHY,
@@ -31,7 +32,7 @@ from vqtok.tokenizer.health import (
 
 from tests.helpers import console_command
 
-TRAIN = sys.modules["vqtok.tokenizer.train"]  # the module (``train`` is also the function)
+TRAIN = importlib.import_module("vqtok.tokenizer.training")  # the module, not the function
 
 
 def quiet(config, out, **kwargs):

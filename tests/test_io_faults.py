@@ -14,9 +14,9 @@ import shutil
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import vqtok.storage.atomic
-import vqtok.tokenizer.checkpoint
 import yaml
 from click.testing import CliRunner
 from vqtok.flows.cli import main
@@ -98,7 +98,7 @@ def test_a_transient_io_error_is_retried_and_the_result_is_identical(kit, tmp_pa
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(kit, tmp_path, monkeypatch):
-    from vqtok.tokenizer.train import train
+    from vqtok.tokenizer.training import train
 
     raw = json.loads(json.dumps(kit["raw"]))
     raw["train"].update(epochs=2, checkpoint_every=2)  # 5 steps/epoch: saves at 2, 4, 5, 7, ...
@@ -109,7 +109,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(kit, tmp_pa
     reference = train(parse_config(raw), tmp_path / "reference", progress=False,
                       log=lambda _: None)
 
-    real = vqtok.tokenizer.checkpoint.save_file
+    real = safetensors.torch.save_file
     calls = {"n": 0}
 
     def save_file(tensors, path):
@@ -118,7 +118,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(kit, tmp_pa
             raise OSError(errno.ENOSPC, "No space left on device")
         real(tensors, path)
 
-    monkeypatch.setattr(vqtok.tokenizer.checkpoint, "save_file", save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)  # what checkpoints write with
     out = tmp_path / "run"
     assert fails("train", "--config", config_file, "--out", out, "--quiet") == (
         f"{out}/checkpoint.tmp/model.safetensors: No space left on device; free some space "
@@ -127,7 +127,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(kit, tmp_pa
     assert json.loads((out / "checkpoint/train_state.json").read_text())["step"] == 2
     load_tokenizer(out)
 
-    monkeypatch.setattr(vqtok.tokenizer.checkpoint, "save_file", real)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
     result = CliRunner().invoke(main, ["train", "--config", str(config_file), "--out", str(out),
                                        "--quiet"])
     assert result.exit_code == 0, result.output
@@ -153,7 +153,7 @@ def test_rerun_with_another_shard_size_or_checkpoint_is_refused_untouched(kit, t
 
 def test_split_names_from_a_dataset_never_leave_the_output_folder(kit, tmp_path, monkeypatch):
     import vqtok.flows.runtime
-    from vqtok.tokenizer.data import ArraySource, open_source
+    from vqtok.tokenizer.sources import ArraySource, open_source
 
     def evil_source(cfg):
         clean = open_source(cfg)

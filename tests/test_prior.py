@@ -11,17 +11,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
-from vqtok.tokenizer.checkpoint import CheckpointError
-from vqtok.tokenizer.config import ConfigError
-from vqtok.tokenizer.prior import TokenPrior, _draw
-from vqtok.tokenizer.prior_checkpoint import load_prior, read_prior_meta, save_prior
-from vqtok.tokenizer.prior_config import (
+from vqtok.tokenizer.errors import CheckpointError, ConfigError, TrainingError
+from vqtok.tokenizer.prior.checkpoint import load_prior, read_prior_meta, save_prior
+from vqtok.tokenizer.prior.config import (
     PriorConfig,
     PriorModelConfig,
     PriorShape,
     load_prior_config,
 )
-from vqtok.tokenizer.prior_train import TrainingError, evaluate_prior, learning_rate, train_prior
+from vqtok.tokenizer.prior.model import TokenPrior, _draw
+from vqtok.tokenizer.prior.train import evaluate_prior, learning_rate, train_prior
 
 SMALL = PriorModelConfig(d_model=32, n_layers=2, n_heads=4, dropout=0.1)
 
@@ -225,11 +224,33 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     data = class_grids(64)
     quiet_train(config(**{"train.steps": 20, "train.checkpoint_every": 5}), tmp_path / "p",
                 data, stop_at_step=5)
-    with pytest.raises(TrainingError, match="different 'model'"):
+    with pytest.raises(TrainingError, match="different 'model.d_model'"):
         quiet_train(config(**{"train.steps": 20, "model.d_model": 64}), tmp_path / "p", data)
     with pytest.raises(TrainingError, match="different 'tokens"):
         quiet_train(config(**{"train.steps": 20, "train.checkpoint_every": 5}), tmp_path / "p",
                     data, vocab=32)
+
+
+def test_damaged_training_state_is_one_checkpoint_error(tmp_path):
+    """The prior restores its training state through the tokenizer's code: same message."""
+    data = class_grids(64)
+    cfg = config(**{"train.steps": 20, "train.checkpoint_every": 5})
+    quiet_train(cfg, tmp_path / "p", data, stop_at_step=5)
+    (tmp_path / "p/checkpoint/train_state.json").write_text('{"step": 5')
+    with pytest.raises(CheckpointError, match=r"checkpoint: training state unusable "
+                                              r"\(JSONDecodeError: .*\); delete .* to start over"):
+        quiet_train(cfg, tmp_path / "p", data)
+
+
+def test_a_file_stands_for_its_own_folder_only(tmp_path):
+    data = class_grids(64)
+    quiet_train(config(**{"train.steps": 5}), tmp_path / "p", data)
+    assert read_prior_meta(tmp_path / "p/checkpoint/model.safetensors")["directory"] == str(
+        tmp_path / "p/checkpoint")
+    beside = tmp_path / "p" / "samples.parquet"  # not the run's checkpoint
+    beside.write_bytes(b"PAR1")
+    with pytest.raises(CheckpointError, match=f"^{beside} is not a prior checkpoint"):
+        read_prior_meta(beside)
 
 
 def test_codes_outside_the_codebook_are_refused(tmp_path):

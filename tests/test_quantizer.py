@@ -4,7 +4,7 @@ import pytest
 import torch
 from vqtok.tokenizer import VQVAE, VectorQuantizer
 from vqtok.tokenizer.config import ModelConfig, QuantizerConfig
-from vqtok.tokenizer.quantizer import kmeans, nearest_code, squared_distances
+from vqtok.tokenizer.quantizers.vq import kmeans, nearest_code, squared_distances
 
 TOY_CODES = torch.tensor([[1.0, 2.0], [3.0, 3.0], [0.5, 0.5]])
 TOY_Z = torch.tensor([1.4, 2.1])

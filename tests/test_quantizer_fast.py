@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from vqtok.tokenizer import VectorQuantizer
-from vqtok.tokenizer.quantizer import (
+from vqtok.tokenizer.quantizers.vq import (
     CPU_BLOCK_BYTES,
     CPU_MIN_BLOCK_ROWS,
     _block_shape,

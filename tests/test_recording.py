@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 from vqtok.flows.recording import api_configured, uses_prefect
@@ -89,6 +90,32 @@ def test_one_shot_reads_start_no_prefect_without_a_server(store):
     assert decode.stdout.startswith(f"decoded 40 images -> {root / 'decoded/reconstructions.png'}")
     assert (root / "decoded/metrics.csv").read_text().count("\n") == 41
     assert not (root / "unused-prefect-home").exists()  # Prefect never even set up its home
+
+
+IMPORTS_OF = """
+import json, sys
+from vqtok.flows.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "torch": "torch" in sys.modules,
+                  "prefect": "prefect" in sys.modules, "pandas": "pandas" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("command", ["stats", "info"])
+def test_read_only_commands_import_neither_torch_nor_prefect(store, command):
+    """What keeps ``stats`` and ``info`` at about a second: no torch (its import alone takes
+    1.5-2 s here), no Prefect, no pandas; checked on the modules, not on a clock."""
+    run = str(store["root"] / "run")
+    args = ["stats", "--out", run] if command == "stats" else ["info", f"{run}/tokens"]
+    done = subprocess.run([sys.executable, "-c", IMPORTS_OF, *args], cwd=store["outside"],
+                          env=_env(store["root"]), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report == {"code": 0, "torch": False, "prefect": False, "pandas": False}
 
 
 def _completed_runs(name: str) -> int:

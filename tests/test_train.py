@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from vqtok.tokenizer import CheckpointError, TrainingError, load_tokenizer, open_source, train
-from vqtok.tokenizer.checkpoint import STATE, STATE_META
+from vqtok.tokenizer.checkpoint_dir import STATE, STATE_META
 
 
 def quiet_train(config, out, **kwargs):
@@ -92,7 +92,7 @@ def test_stopping_inside_an_epoch_and_resuming_equals_an_uninterrupted_run(tmp_p
 def test_checkpoint_every_saves_inside_the_epoch(tmp_path, tiny_config, monkeypatch):
     import importlib
 
-    loop = importlib.import_module("vqtok.tokenizer.train")  # the module, not the function
+    loop = importlib.import_module("vqtok.tokenizer.training")  # the module, not the function
     saved = []
     real = loop.save_checkpoint
 

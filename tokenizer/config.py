@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import ConfigError
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -53,7 +55,7 @@ class QuantizerConfig(_Strict):
     chunk_mib: int = Field(256, ge=1)
     # The first steps train a plain autoencoder (no quantization), so k-means fits codes to a
     # trained encoder rather than a random one; at most half of the first epoch (see
-    # tokenizer.train.warmup_steps).
+    # tokenizer.training.warmup_steps).
     warmup_steps: int = Field(100, ge=0)
 
 
@@ -125,10 +127,6 @@ def with_legacy_defaults(raw: dict[str, Any]) -> dict[str, Any]:
         if isinstance(node, dict) and leaf not in node:
             node[leaf] = value
     return raw
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key."""
 
 
 def _describe(error: ValidationError, source: str) -> str:

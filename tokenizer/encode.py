@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from .accel import Accel
-from .data import ImageSource, iterate_batches
 from .model import VQVAE
+from .sources import ImageSource, iterate_batches
 
 
 def encode_ids(

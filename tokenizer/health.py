@@ -8,23 +8,21 @@ a run that ends less than ``train.min_gain_over_baseline_db`` (3 dB) above it fa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .checkpoint import CheckpointError
+from .errors import UnhealthyCheckpointError
 from .stats import psnr
+
+if TYPE_CHECKING:  # torch stays unimported for the CLI's read-only commands
+    import torch
 
 #: The mean image averages at most this many training images, spread evenly over the split:
 #: exact for small datasets, within noise of exact for big ones, bounded in time for all.
 MEAN_IMAGE_MAX_IMAGES = 10_000
 
 HEALTHY, UNHEALTHY, UNCHECKED = "healthy", "unhealthy", "unchecked"
-
-
-class UnhealthyCheckpointError(CheckpointError):
-    """A checkpoint marked unhealthy by its training run, used without ``force``."""
 
 
 def mean_image_ids(ids: np.ndarray, limit: int = MEAN_IMAGE_MAX_IMAGES) -> np.ndarray:
@@ -34,10 +32,9 @@ def mean_image_ids(ids: np.ndarray, limit: int = MEAN_IMAGE_MAX_IMAGES) -> np.nd
     return ids[np.linspace(0, len(ids) - 1, limit).round().astype(np.int64)]
 
 
-@torch.no_grad()
 def mean_image(load_batch: Any, ids: np.ndarray, batch_size: int = 500) -> tuple[torch.Tensor, int]:
-    """The mean (C, H, W) of the images ``load_batch(ids)`` gives, in float64 sums; and how
-    many images it averages."""
+    """The mean (C, H, W) of the images ``load_batch(ids)`` gives (tensors that need no
+    gradient), in float64 sums; and how many images it averages."""
     picked = mean_image_ids(ids)
     total: torch.Tensor | None = None
     for start in range(0, len(picked), batch_size):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .config import Config
-from .train import TrainingError
+from .training import TrainingError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 _ERROR_LINE = re.compile(r"^(?:[\w.]+)?(?:Error|Exception): .+")

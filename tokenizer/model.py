@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, QuantizerConfig
-from .quantizer import QuantizerOutput, VectorQuantizer, nearest_code
+from .quantizers import QuantizerOutput, VectorQuantizer, nearest_code
 
 #: Negative slope of ``activation: leaky_relu``: in short runs plain ReLUs that die take
 #: part of the small encoder and decoder with them (0.6 dB on CIFAR-10 in 220 steps).

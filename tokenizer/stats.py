@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported by read-only commands that never need torch
+    import torch
 
 
 def code_histogram(indices: torch.Tensor | np.ndarray, num_embeddings: int) -> np.ndarray:
     """Count of each code (int64, length K) over any array of indices."""
-    if isinstance(indices, torch.Tensor):
+    if hasattr(indices, "detach"):  # a torch tensor (told apart without importing torch)
         indices = indices.detach().cpu().numpy()
     flat = np.asarray(indices).reshape(-1).astype(np.int64, copy=False)
     return np.bincount(flat, minlength=num_embeddings)

@@ -22,8 +22,8 @@ from typing import Any
 from . import distributed as dist
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config, parse_config
-from .data import DataError
-from .train import TrainingError, train
+from .sources import DataError
+from .training import TrainingError, train
 
 KNOWN_ERRORS = (TrainingError, DataError, CheckpointError, ConfigError)
 

@@ -7,7 +7,6 @@ where the interrupted one stood.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -22,31 +21,28 @@ from . import distributed as dist
 from . import health
 from .accel import Accel
 from .checkpoint import (
-    STATE,
-    STATE_META,
-    CheckpointError,
     build_model,
-    load_tensors,
     load_tokenizer,
     model_weights_hash,
-    optimizer_and_rng_state,
     read_checkpoint_meta,
-    recover_checkpoint,
-    restore_optimizer_and_rng,
     save_checkpoint,
     stored_config,
 )
+from .checkpoint_dir import (
+    STATE,
+    optimizer_and_rng_state,
+    recover_checkpoint,
+    restore_training_state,
+    resume_mismatch,
+)
 from .config import Config
-from .data import ImageSource, iterate_batches, iterate_id_batches, open_source, split_batches
+from .errors import TrainingError
 from .faults import pause_point
 from .model import VQVAE
+from .sources import ImageSource, iterate_batches, iterate_id_batches, open_source, split_batches
 from .stats import code_histogram, psnr, usage_summary
 
 Logger = Callable[[str], None]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what to do."""
 
 
 @dataclass
@@ -143,10 +139,9 @@ def _train_state(
     partial: tuple[float, int] = (0.0, 0),
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Everything a resumed run needs; ``partial`` is the running loss of an unfinished epoch."""
-    tensors, param_groups = optimizer_and_rng_state(optimizer)
+    tensors, info = optimizer_and_rng_state(optimizer)
     tensors["rng.quantizer"] = model.quantizer.generator.get_state()
-    info = {"step": step, "param_groups": param_groups, "history": history,
-            "epoch_loss": partial[0], "epoch_batches": partial[1]}
+    info.update(step=step, history=history, epoch_loss=partial[0], epoch_batches=partial[1])
     return tensors, info
 
 
@@ -167,31 +162,13 @@ def _restore_state(
     """
     loaded = load_tokenizer(directory)  # verifies the weights' hash
     model.load_state_dict(loaded.state_dict())
-    tensors = load_tensors(directory / STATE)
-    try:
-        info = json.loads((directory / STATE_META).read_text())
-        restore_optimizer_and_rng(optimizer, tensors, info["param_groups"])
+
+    def rest(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> _Resumed:
         model.quantizer.generator.set_state(tensors["rng.quantizer"])
-        resumed = _Resumed(int(info["step"]), list(info.get("history", [])),
-                           (float(info.get("epoch_loss", 0.0)), int(info.get("epoch_batches", 0))))
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        detail = " ".join(str(exc).split())[:200]
-        raise CheckpointError(
-            f"{directory}: training state unusable ({type(exc).__name__}: {detail}); delete "
-            f"{directory} to start over, or train into a new --out"
-        ) from None
-    return resumed
+        return _Resumed(int(info["step"]), list(info.get("history", [])),
+                        (float(info.get("epoch_loss", 0.0)), int(info.get("epoch_batches", 0))))
 
-
-def _first_difference(stored: Any, current: Any, key: str) -> str | None:
-    """The dotted name of the first leaf that differs (sorted keys), or None."""
-    if isinstance(stored, dict) and isinstance(current, dict):
-        for name in sorted(set(stored) | set(current)):
-            found = _first_difference(stored.get(name), current.get(name), f"{key}.{name}")
-            if found:
-                return found
-        return None
-    return None if stored == current else key
+    return restore_training_state(directory, optimizer, rest)
 
 
 def _kept(checkpoint: Path, saved_step: int | None) -> str:
@@ -212,18 +189,6 @@ def _check_finite(model: VQVAE, step: int, checkpoint: Path, saved_step: int | N
 
 RESUME_MUST_MATCH = ("seed", "data", "model", "quantizer", "train.batch_size", "train.lr",
                      "train.adam_betas")
-
-
-def _config_mismatch(stored: dict[str, Any], current: Config) -> str | None:
-    now = current.model_dump()
-    for key in RESUME_MUST_MATCH:
-        a, b = stored, now
-        for part in key.split("."):
-            a, b = a.get(part) if isinstance(a, dict) else None, b[part]
-        found = _first_difference(a, b, key)
-        if found:
-            return found
-    return None
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -348,7 +313,7 @@ def train(
     if (checkpoint / STATE).is_file():
         meta = read_checkpoint_meta(checkpoint)
         stored = stored_config(meta).model_dump()
-        differs = _config_mismatch(stored, config)
+        differs = resume_mismatch(stored, config.model_dump(), RESUME_MUST_MATCH)
         if differs:
             raise TrainingError(
                 f"{out_dir} holds a checkpoint trained with a different '{differs}'; "

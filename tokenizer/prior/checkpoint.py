@@ -1,4 +1,4 @@
-"""Prior checkpoints: the tokenizer's layout (safetensors + JSON, atomic directory swap).
+"""Prior checkpoints: a checkpoint folder (``checkpoint_dir``) of kind "vqtok-prior".
 
     model.safetensors     the transformer's weights
     config.json           format "vqtok-prior", the PriorConfig, the PriorShape, the weights'
@@ -10,20 +10,36 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from ..checkpoint_dir import (
+    META,
+    CheckpointKind,
+    Tensors,
+    cpu_state,
+    load_verified_weights,
+    read_checkpoint_description,
+    resolve_checkpoint_dir,
+    write_checkpoint_dir,
+)
+from ..errors import CheckpointError, ConfigError
+from .config import PriorConfig, PriorShape, parse_prior_config
 
-from .checkpoint import META, CheckpointError, load_verified_weights
-from .checkpoint import write_checkpoint_dir as _write
-from .config import ConfigError
-from .prior import TokenPrior
-from .prior_config import PriorConfig, PriorShape, parse_prior_config
+if TYPE_CHECKING:
+    import torch
+
+    from .model import TokenPrior
 
 FORMAT = "vqtok-prior"
 FORMAT_VERSION = 1
+PRIOR = CheckpointKind(
+    format=FORMAT,
+    missing="prior {path} does not exist; pass the folder 'prior train' wrote",
+    not_one="{path} is not a prior checkpoint (no " + META + "); pass the folder 'prior train' "
+    "wrote",
+    wrong_format="not a prior checkpoint (a tokenizer's?); pass the folder 'prior train' wrote",
+)
 
 
 def save_prior(
@@ -32,10 +48,9 @@ def save_prior(
     config: PriorConfig,
     data: dict[str, Any] | None = None,
     progress: dict[str, Any] | None = None,
-    train_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    train_state: tuple[Tensors, dict[str, Any]] | None = None,
 ) -> str:
     """Write atomically; returns the weights' content hash."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -44,35 +59,17 @@ def save_prior(
         "data": data or {},
         "progress": progress or {},
     }
-    return _write(directory, state, meta, train_state)
+    return write_checkpoint_dir(directory, cpu_state(model), meta, train_state)
 
 
 def resolve_prior(path: str | Path) -> Path:
-    """Accept the checkpoint directory or the training output folder holding ``checkpoint``."""
-    path = Path(path)
-    for candidate in (path, path / "checkpoint", path.with_name(path.name + ".old"),
-                      path / "checkpoint.old"):
-        if (candidate / META).is_file():
-            return candidate
-    if not path.exists():
-        raise CheckpointError(f"prior {path} does not exist; pass the folder 'prior train' wrote")
-    raise CheckpointError(f"{path} is not a prior checkpoint (no {META}); pass the folder "
-                          "'prior train' wrote")
+    """The prior checkpoint folder ``path`` stands for (see ``resolve_checkpoint_dir``)."""
+    return resolve_checkpoint_dir(path, PRIOR)
 
 
 def read_prior_meta(path: str | Path) -> dict[str, Any]:
-    directory = resolve_prior(path)
-    try:
-        meta = json.loads((directory / META).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{directory / META}: unreadable ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{directory / META}: not a prior checkpoint (a tokenizer's?); pass the folder "
-            "'prior train' wrote"
-        )
-    meta["directory"] = str(directory)
-    return meta
+    """The prior checkpoint's config.json, checked; ``directory`` says where it was found."""
+    return read_checkpoint_description(path, PRIOR)
 
 
 def load_prior(path: str | Path, device: str | torch.device = "cpu") -> TokenPrior:
@@ -85,6 +82,8 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu") -> TokenPri
         shape = PriorShape.model_validate(meta["shape"])
     except (ConfigError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{directory / META}: bad prior description ({exc})") from None
+    from .model import TokenPrior
+
     model = TokenPrior(shape, config.model)
     digest = load_verified_weights(model, directory, meta, "the prior described")
     model.checkpoint_hash = digest

@@ -12,7 +12,6 @@ best) and the mean per-position entropy (the same, knowing the position).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -23,18 +22,18 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import (
+from ..checkpoint_dir import (
     STATE,
-    STATE_META,
-    load_tensors,
     optimizer_and_rng_state,
-    restore_optimizer_and_rng,
+    restore_training_state,
+    resume_mismatch,
 )
-from .prior import TokenPrior
-from .prior_checkpoint import load_prior, read_prior_meta, save_prior
-from .prior_config import PriorConfig, PriorShape
-from .stats import code_histogram, entropy_bits, position_stats
-from .train import TrainingError, resolve_device
+from ..errors import TrainingError
+from ..stats import code_histogram, entropy_bits, position_stats
+from ..training import resolve_device
+from .checkpoint import load_prior, read_prior_meta, save_prior
+from .config import PriorConfig, PriorShape
+from .model import TokenPrior
 
 Logger = Callable[[str], None]
 LN2 = math.log(2.0)
@@ -141,34 +140,22 @@ def make_optimizer(model: TokenPrior, config: PriorConfig) -> torch.optim.AdamW:
 
 def _train_state(optimizer: torch.optim.Optimizer, step: int, history: list[dict[str, Any]]
                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, param_groups = optimizer_and_rng_state(optimizer)
-    return tensors, {"step": step, "param_groups": param_groups, "history": history}
+    tensors, info = optimizer_and_rng_state(optimizer)
+    return tensors, {**info, "step": step, "history": history}
 
 
 def _restore_state(directory: Path, model: TokenPrior, optimizer: torch.optim.Optimizer
                    ) -> tuple[int, list[dict[str, Any]]]:
     model.load_state_dict(load_prior(directory).state_dict())  # verifies the weights' hash
-    tensors = load_tensors(directory / STATE)
-    info = json.loads((directory / STATE_META).read_text())
-    restore_optimizer_and_rng(optimizer, tensors, info["param_groups"])
-    return int(info["step"]), list(info.get("history", []))
+    return restore_training_state(
+        directory, optimizer, lambda _tensors, info: (int(info["step"]),
+                                                      list(info.get("history", []))))
 
 
 # Changing any of these makes a resumed run something other than the run that was started.
 RESUME_MUST_MATCH = ("seed", "model", "train.batch_size", "train.lr", "train.min_lr_ratio",
                      "train.warmup_steps", "train.weight_decay", "train.grad_clip",
                      "train.label_dropout")
-
-
-def _mismatch(stored: dict[str, Any], config: PriorConfig) -> str | None:
-    now = config.model_dump()
-    for key in RESUME_MUST_MATCH:
-        a, b = stored, now
-        for part in key.split("."):
-            a, b = a.get(part) if isinstance(a, dict) else None, b[part]
-        if a != b:
-            return key
-    return None
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -213,7 +200,7 @@ def train_prior(
     step, history = 0, []
     if (checkpoint / STATE).is_file():
         stored = read_prior_meta(checkpoint)
-        differs = _mismatch(stored["config"], config)
+        differs = resume_mismatch(stored["config"], config.model_dump(), RESUME_MUST_MATCH)
         if differs is None and stored["shape"] != shape.model_dump():
             differs = "tokens (codebook, grid or classes)"
         if differs:

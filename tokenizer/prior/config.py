@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from .config import ConfigError, _describe, _Strict, apply_overrides, read_yaml_mapping
+from ..config import _describe, _Strict, apply_overrides, read_yaml_mapping
+from ..errors import ConfigError
 
 
 class PriorShape(_Strict):

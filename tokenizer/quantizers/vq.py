@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as dist
+from .. import distributed as dist
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 #: On CPU a distance block of about this size stays in cache between the GEMM and the argmin.

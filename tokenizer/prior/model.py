@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .prior_config import PriorModelConfig, PriorShape
+from .config import PriorModelConfig, PriorShape
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,0 +1,58 @@
+"""Image sources by name: the bundled MNIST sample, MNIST and Fashion-MNIST (IDX files),
+CIFAR-10, folders of image files and .npz arrays; one module per format.
+
+``open_source(cfg.data)`` is the one entry point; ``ImageSource`` (``base``) is what every
+format gives, ``batches`` how training and encoding read it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import DataConfig
+from ..errors import DataError
+from .base import DEFAULT_DATA_ROOT, ArraySource, ImageSource, holdout_splits
+from .batches import iterate_batches, iterate_id_batches, prefetched, split_batches
+from .cifar import cifar10
+from .idx import bundled_mnist_sample, idx_source, read_idx
+from .imagefolder import ImageFolderSource
+from .npz import npz_source
+
+__all__ = [
+    "DATASET_NAMES",
+    "ArraySource",
+    "DataError",
+    "ImageFolderSource",
+    "ImageSource",
+    "holdout_splits",
+    "iterate_batches",
+    "iterate_id_batches",
+    "open_source",
+    "prefetched",
+    "read_idx",
+    "split_batches",
+]
+
+
+DATASET_NAMES = (
+    "mnist-sample", "mnist", "fashion-mnist", "cifar10", "imagefolder:PATH", "npz:PATH"
+)
+
+
+def open_source(cfg: DataConfig) -> ImageSource:
+    """The image source a config names (see ``DATASET_NAMES``)."""
+    name = cfg.dataset
+    root = Path(cfg.data_root).expanduser() if cfg.data_root else DEFAULT_DATA_ROOT
+    if name == "mnist-sample":
+        return bundled_mnist_sample(cfg)
+    if name == "mnist":
+        return idx_source("mnist", "MNIST", root, cfg)
+    if name == "fashion-mnist":
+        return idx_source("fashion-mnist", "FashionMNIST", root, cfg)
+    if name == "cifar10":
+        return cifar10(root, cfg)
+    if name.startswith("imagefolder:"):
+        return ImageFolderSource(Path(name.split(":", 1)[1]).expanduser(), cfg)
+    if name.startswith("npz:"):
+        return npz_source(Path(name.split(":", 1)[1]).expanduser(), cfg)
+    raise DataError(f"unknown dataset '{name}'; use one of {', '.join(DATASET_NAMES)}")

@@ -1,0 +1,132 @@
+"""Batches of a source: id batches, DataLoader workers (whose errors name the file), and a
+prefetching thread that overlaps loading with the model's work."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import DataError
+from .base import ImageSource
+
+T = TypeVar("T")
+
+
+class _Batches(Dataset):
+    """One item per batch of ids, so DataLoader workers can assemble whole batches."""
+
+    def __init__(self, source: ImageSource, batches: Sequence[np.ndarray]) -> None:
+        self.source, self.batches = source, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.source.load_batch(self.batches[i])
+
+
+def split_batches(ids: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+
+
+def iterate_batches(
+    source: ImageSource, ids: np.ndarray, batch_size: int, num_workers: int = 0,
+    pin: bool = False, prefetch: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches in the order of ``ids``; see ``iterate_id_batches``."""
+    yield from iterate_id_batches(source, split_batches(ids, batch_size), num_workers, pin,
+                                  prefetch)
+
+
+def iterate_id_batches(
+    source: ImageSource, batches: Sequence[np.ndarray], num_workers: int = 0,
+    pin: bool = False, prefetch: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) for each array of ids, in order.
+
+    ``num_workers`` > 0 loads in DataLoader worker processes (for decoding image files);
+    otherwise ``prefetch`` > 0 loads up to that many batches ahead in a background thread, so
+    loading overlaps compute (tensor indexing releases the GIL). ``pin`` puts batches in
+    page-locked memory for non-blocking copies to a GPU.
+    """
+    dataset = _Batches(source, batches)
+    if num_workers > 0 or (pin and prefetch == 0):
+        loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
+                            prefetch_factor=max(prefetch, 2) if num_workers else None)
+        try:
+            yield from loader
+        except DataError as exc:
+            raise DataError(_worker_message(str(exc))) from None
+        return
+    items = (_pinned(dataset[i]) if pin else dataset[i] for i in range(len(dataset)))
+    if prefetch > 0:
+        yield from prefetched(items, prefetch)
+    else:
+        yield from items
+
+
+def _worker_message(text: str) -> str:
+    """A worker's DataError as torch re-raises it ("Caught DataError in DataLoader worker
+    process 0.", then the worker's traceback) back to its own one-line message, which names
+    the file."""
+    if not text.startswith("Caught DataError"):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    _, sep, message = last.partition("DataError: ")
+    return message if sep else last
+
+
+def _pinned(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch[0].pin_memory(), batch[1].pin_memory()
+
+
+_DONE = object()
+
+
+def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items``, produced up to ``depth`` ahead by a background thread.
+
+    Errors in the producer are raised here, at the item where they happened; closing the
+    generator early stops the producer within a fraction of a second.
+    """
+    box: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[object, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put((_DONE, exc))
+            return
+        put((_DONE, None))
+
+    worker = threading.Thread(target=produce, name="vqtok-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = box.get()
+            if error is not None:
+                raise error
+            if item is _DONE:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        worker.join()

@@ -1,0 +1,77 @@
+"""``npz:PATH``: images (NHW, NHWC or NCHW uint8) and optional integer labels in one .npz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..errors import DataError
+from .base import ArraySource, _sha256_files, holdout_splits
+
+LABEL_MAX = 2**31 - 1  # token stores keep labels as int32; -1 means "no label"
+
+
+def _class_ids(labels: np.ndarray, path: Path) -> np.ndarray:
+    """Labels as int64 class ids, or a DataError naming the file and the first bad entry
+    (strings, NaN, fractions and ids out of -1..2**31-1 would fail later, far from here)."""
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{path}: 'labels' must be whole class ids; entry {i} is "
+                            f"{labels[i]!r}; store -1 for an image without a label")
+    elif labels.dtype.kind not in "iub":
+        raise DataError(f"{path}: 'labels' must be integer class ids, got dtype {labels.dtype};"
+                        " map class names to 0, 1, 2, ... before saving")
+    ids = labels.astype(np.int64)
+    bad = (ids < -1) | (ids > LABEL_MAX)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: 'labels' entry {i} is {ids[i]}; class ids must be 0 to "
+                        f"{LABEL_MAX} (-1 for no label)")
+    return ids
+
+
+def npz_source(path: Path, cfg: DataConfig) -> ArraySource:
+    if path.is_dir():
+        raise DataError(f"npz:{path}: is a folder; use imagefolder:{path} for folders of images")
+    if not path.is_file():
+        raise DataError(f"npz:{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "images" not in archive:
+                raise DataError(f"{path}: no array named 'images' (found {list(archive)})")
+            images = np.asarray(archive["images"])
+            labels = np.asarray(archive["labels"]) if "labels" in archive else None
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zip/format errors of all kinds
+        raise DataError(f"{path}: cannot read .npz ({exc})") from None
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: 'images' must be uint8, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[1] not in (1, 3, 4) and images.shape[3] in (1, 3, 4):
+        images = images.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    elif images.ndim != 4:
+        raise DataError(f"{path}: 'images' must be NHW, NHWC or NCHW, got shape {images.shape}")
+    n = len(images)
+    if n == 0:
+        raise DataError(f"{path}: 'images' holds no images; nothing to train on or encode")
+    if labels is None:
+        labels = np.full(n, -1, dtype=np.int64)
+    elif labels.shape != (n,):
+        raise DataError(f"{path}: 'labels' has shape {labels.shape}, expected ({n},)")
+    else:
+        labels = _class_ids(labels, path)
+    return ArraySource(
+        torch.from_numpy(np.ascontiguousarray(images)),
+        torch.from_numpy(labels.astype(np.int64)),
+        holdout_splits(n),
+        f"npz:{path}",
+        _sha256_files([path]),
+        cfg,
+    )
