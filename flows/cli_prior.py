@@ -1,29 +1,16 @@
 """``tokenize-dataset prior train|sample``: an autoregressive prior over a token store.
 
-A group of its own, registered by ``flows/cli.py``. Like the other commands, heavy imports
-happen inside the commands and inputs are checked before any Prefect machinery starts.
+A group of its own, registered by ``flows/cli.py`` (this module does not import it). Like
+the other commands, heavy imports happen inside the commands and inputs are checked before
+any Prefect machinery starts.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import click
-
-
-def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``flows.cli.friendly_errors``, looked up at call time: flows.cli imports this module,
-    so importing it here at import time would be circular under ``python -m flows.cli``."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from vqtok.flows.cli import friendly_errors
-
-        return friendly_errors(command)(*args, **kwargs)
-
-    return wrapper
+from vqtok.flows.error_policy import friendly_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,7 +45,7 @@ OVERRIDES = {"seed": "seed", "d_model": "model.d_model", "layers": "model.n_laye
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--heldout-split", help="Split for held-out figures (default: validation, else "
               "test).")
-@_friendly
+@friendly_errors
 def train(tokens: str, out: str, config_path: str | None, train_split: str,
           heldout_split: str | None, **overrides: Any) -> None:
     """Train (or resume) a prior on a token store; reports held-out bits per token."""
@@ -69,7 +56,8 @@ def train(tokens: str, out: str, config_path: str | None, train_split: str,
     config = load_prior_config(config_path).with_overrides(
         **{OVERRIDES[k]: v for k, v in overrides.items()})
     read_meta(tokens)  # a path that holds no tokens fails here, before Prefect starts
-    result = prior_train_flow(tokens, out, config.model_dump(), train_split, heldout_split)
+    result = prior_train_flow(tokens=tokens, out=out, config=config.model_dump(),
+                              train_split=train_split, heldout=heldout_split)
     click.echo(f"prior {result['checkpoint']} (weights {result['weights_sha256'][:12]}), "
                f"step {result['step']}")
     h = result["heldout"]
@@ -95,7 +83,7 @@ def train(tokens: str, out: str, config_path: str | None, train_split: str,
 @click.option("--checkpoint", type=click.Path(), help="Tokenizer to decode with (default: the "
               "checkpoint beside the training tokens, when it made them).")
 @click.option("--device", default="auto", show_default=True)
-@_friendly
+@friendly_errors
 def sample(prior_path: str, out: str, n: int, label: int | None, temperature: float,
            top_k: int | None, seed: int, checkpoint: str | None, device: str) -> None:
     """Sample token grids from a prior into a token file, and decode them to a PNG."""
@@ -114,8 +102,9 @@ def sample(prior_path: str, out: str, n: int, label: int | None, temperature: fl
         if read_checkpoint_meta(checkpoint)["weights_sha256"] != wanted:
             raise click.BadParameter("this tokenizer did not make the prior's training tokens; "
                                      "pass the one that did", param_hint="--checkpoint")
-    result = prior_sample_flow(prior_path, out, n, label, temperature, top_k, seed, checkpoint,
-                               device)
+    result = prior_sample_flow(prior=prior_path, out=out, n=n, label=label,
+                               temperature=temperature, top_k=top_k, seed=seed,
+                               checkpoint=checkpoint, device=device)
     line = f"{result['samples']} samples -> {result['tokens']}"
     if result["picture"]:
         line += f", decoded -> {result['picture']}"

@@ -21,12 +21,10 @@ import torch
 from vqtok.flows.errors import PipelineError
 from vqtok.flows.runtime import cached_model, cached_source
 from vqtok.storage import load_grid, read_meta
-from vqtok.tokenizer.config import DataConfig
+from vqtok.tokenizer.config import ENCODE_BATCH_SIZE, DataConfig
 from vqtok.tokenizer.sources import DataError
 from vqtok.tokenizer.stats import psnr
 from vqtok.tokenizer.visualize import save_image_grid, save_reconstruction_grid
-
-DECODE_BATCH = 256
 
 
 def _originals(meta_extra: dict[str, Any], fingerprint: str, ids: np.ndarray, logger: Any):
@@ -75,8 +73,8 @@ def decode_tokens(tokens: str, checkpoint: str, out: str, split: str | None = No
         raise PipelineError(f"{tokens}: no rows to decode{where}; pick another split")
     codes = torch.from_numpy(grid.codes[:rows].astype(np.int64))
     device_t = model.quantizer.codebook.device
-    decoded = torch.cat([model.decode(codes[i : i + DECODE_BATCH].to(device_t)).cpu()
-                         for i in range(0, rows, DECODE_BATCH)])
+    decoded = torch.cat([model.decode(codes[i : i + ENCODE_BATCH_SIZE].to(device_t)).cpu()
+                         for i in range(0, rows, ENCODE_BATCH_SIZE)])
     ids, labels = grid.ids[:rows], grid.labels[:rows]
     originals = _originals(meta.extra, meta.dataset_fingerprint, ids, logger)
     folder = Path(out)

@@ -34,15 +34,13 @@ from vqtok.flows.runtime import (
     token_meta,
 )
 from vqtok.storage import ShardedTokenStore, ShardSpec, TokenMeta
+from vqtok.storage.layout import DEFAULT_SHARD_SIZE
+from vqtok.storage.layout import FORMATS as STORE_FORMATS
 from vqtok.tokenizer.accel import Accel, encode_batch_size
-from vqtok.tokenizer.config import DataConfig
+from vqtok.tokenizer.config import ENCODE_BATCH_SIZE, DataConfig
 from vqtok.tokenizer.encode import encode_ids
 from vqtok.tokenizer.faults import pause_point
 from vqtok.tokenizer.health import require_healthy
-
-DEFAULT_FORMATS = ("parquet", "hdf5")
-DEFAULT_SHARD_SIZE = 10_000
-DEFAULT_BATCH_SIZE = 256
 
 
 def _shard_cache_key(_context: Any, params: dict[str, Any]) -> str:
@@ -72,7 +70,7 @@ def encode_shard(
     accel = Accel.for_device(model.quantizer.codebook.device)
     if batch_size is None:
         shape = (source.channels, data_cfg.image_size, data_cfg.image_size)
-        batch_size = encode_batch_size(model, shape, accel, DEFAULT_BATCH_SIZE)
+        batch_size = encode_batch_size(model, shape, accel, ENCODE_BATCH_SIZE)
     store = ShardedTokenStore(out, TokenMeta.from_dict(meta), shard_size, formats)
     ids = source.split_ids(split)
     start = index * shard_size
@@ -136,7 +134,7 @@ def encode_flow(
     data: dict[str, Any] | None = None,
     formats: list[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    batch_size: int | None = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = ENCODE_BATCH_SIZE,
     device: str = "auto",
     num_workers: int = 0,
     progress: bool = True,
@@ -151,7 +149,7 @@ def encode_flow(
     unless ``force``.
     """
     logger = get_run_logger()
-    formats = list(formats or DEFAULT_FORMATS)
+    formats = list(formats or STORE_FORMATS)
     runner = None
     if cluster:
         from prefect.context import FlowRunContext

@@ -9,21 +9,20 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from vqtok.flows.decode_flow import decode_flow
-from vqtok.flows.encode_flow import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, encode_flow
+from vqtok.flows.encode_flow import encode_flow
 from vqtok.flows.run_folder import RunPaths
 from vqtok.flows.runtime import cached_source, checkpoint_config
 from vqtok.flows.stats_flow import stats_flow
 from vqtok.flows.train_flow import train_flow
+from vqtok.storage.layout import DEFAULT_SHARD_SIZE
 from vqtok.tokenizer.config import parse_config
 from vqtok.tokenizer.health import quality_line
+from vqtok.tokenizer.splits import heldout_split
 
 
 def _validation_split(config: Any) -> str | None:
-    splits = cached_source(config.data).splits
-    for name in (config.data.val_split, "test", "validation"):
-        if name in splits:
-            return name
-    return None
+    return heldout_split(cached_source(config.data).splits, config.data.val_split,
+                         exclude=config.data.train_split)
 
 
 @flow(name="tokenize-dataset")
@@ -33,14 +32,15 @@ def tokenize_dataset(
     checkpoint: str | None = None,
     formats: list[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     device: str = "auto",
     progress: bool = True,
     force: bool = False,
 ) -> dict[str, Any]:
     """The whole pipeline into ``out``; returns the summary the CLI prints. A checkpoint
     marked unhealthy by its training is refused unless ``force`` (a run that trains one
-    fails in training)."""
+    fails in training). ``batch_size`` None fits the encode batch to the GPU
+    (``ENCODE_BATCH_SIZE`` on CPU)."""
     if config is None and checkpoint is not None:
         cfg = checkpoint_config(checkpoint)[0]  # the data the tokenizer was trained on
     else:
@@ -48,15 +48,16 @@ def tokenize_dataset(
     paths = RunPaths(Path(out))
     summary: dict[str, Any] = {"out": str(paths.root)}
     if checkpoint is None:
-        trained = train_flow(cfg.model_dump(), str(paths.root), progress)
+        trained = train_flow(config=cfg.model_dump(), out=str(paths.root), progress=progress)
         checkpoint = trained["checkpoint"]
         summary["train"] = trained
-    encoded = encode_flow(checkpoint, str(paths.root), cfg.data.model_dump(), formats,
-                          shard_size, batch_size, device, cfg.train.num_workers, progress,
-                          force=force)
-    stats = stats_flow(encoded["tokens"], str(paths.stats))
-    decoded = decode_flow(encoded["tokens"], checkpoint, str(paths.decode),
-                          split=_validation_split(cfg), device=device)
+    encoded = encode_flow(checkpoint=checkpoint, out=str(paths.root),
+                          data=cfg.data.model_dump(), formats=formats, shard_size=shard_size,
+                          batch_size=batch_size, device=device,
+                          num_workers=cfg.train.num_workers, progress=progress, force=force)
+    stats = stats_flow(tokens=encoded["tokens"], out=str(paths.stats))
+    decoded = decode_flow(tokens=encoded["tokens"], checkpoint=checkpoint,
+                          out=str(paths.decode), split=_validation_split(cfg), device=device)
     summary.update(checkpoint=checkpoint, encode=encoded, stats=stats, decode=decoded)
     create_markdown_artifact(
         key="vqtok-run",

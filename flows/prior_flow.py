@@ -22,19 +22,11 @@ from vqtok.tokenizer.checkpoint import CheckpointError, read_checkpoint_meta
 from vqtok.tokenizer.prior.checkpoint import load_prior, read_prior_meta
 from vqtok.tokenizer.prior.config import parse_prior_config
 from vqtok.tokenizer.prior.train import train_prior
+from vqtok.tokenizer.splits import heldout_split
 from vqtok.tokenizer.training import resolve_device
 
-HELDOUT_SPLITS = ("validation", "test")
 SAMPLE_SPLIT = "sample"
 SAMPLES_FILE = "samples.parquet"
-
-
-def heldout_split(split_names: tuple[str, ...] | list[str], train_split: str) -> str | None:
-    """The store's validation split, else its test split; ``None`` when it has neither."""
-    for name in HELDOUT_SPLITS:
-        if name in split_names and name != train_split:
-            return name
-    return None
 
 
 def prior_data_meta(tokens: str | Path, meta: TokenMeta, train_split: str,
@@ -55,7 +47,7 @@ def train_prior_task(tokens: str, out: str, config: dict[str, Any], train_split:
     if heldout is not None and heldout not in grid.split_names:
         raise PipelineError(f"{tokens} has no split '{heldout}' to hold out; pass one of "
                             f"{', '.join(grid.split_names)}")
-    heldout = heldout or heldout_split(grid.split_names, train_split)
+    heldout = heldout or heldout_split(grid.split_names, exclude=train_split)
     if heldout is None:
         logger.warning(f"{tokens} has no validation or test split: no held-out figures")
     data = prior_data_meta(tokens, grid.meta, train_split, heldout)

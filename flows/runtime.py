@@ -38,7 +38,7 @@ def check_data_fits(model_config: Config, data: DataConfig) -> None:
         raise ConfigError(
             f"{data.dataset}: data.image_size {data.image_size} is not a multiple of {factor} "
             f"(the model downsamples {model_config.model.num_downsamples} times); use e.g. "
-            f"{max(factor, data.image_size - data.image_size % factor)}")
+            f"data.image_size: {max(factor, data.image_size - data.image_size % factor)}")
 
 
 @lru_cache(maxsize=4)

@@ -39,14 +39,40 @@ def train_task(config: dict[str, Any], out: str, progress: bool = True,
     }
 
 
+RECONSTRUCTIONS = "reconstructions.png"
+
+
+@task(name="write-reconstructions")
+def reconstructions_task(checkpoint: str, config: dict[str, Any], out: str,
+                         count: int = 32) -> str:
+    """Held-out images above their reconstructions (``out/reconstructions.png``): a look at
+    quality next to the figures."""
+    import torch
+    from vqtok.flows.runtime import cached_model, cached_source
+    from vqtok.tokenizer.splits import heldout_split
+    from vqtok.tokenizer.visualize import save_reconstruction_grid
+
+    data = parse_config(config).data
+    model = cached_model(checkpoint, "cpu")
+    source = cached_source(data)
+    split = heldout_split(source.splits, data.val_split, exclude=data.train_split)
+    images, _ = source.load_batch(source.split_ids(split or data.train_split)[:count])
+    with torch.no_grad():
+        recon = model.decode(model.encode(images))
+    return str(save_reconstruction_grid(images, recon, Path(out) / RECONSTRUCTIONS))
+
+
 @flow(name="train")
 def train_flow(config: dict[str, Any], out: str, progress: bool = True,
-               nproc: int = 1) -> dict[str, Any]:
+               nproc: int = 1, reconstructions: bool = False) -> dict[str, Any]:
     """Train into ``out/checkpoint``; ``config`` is a full config as a dict (JSON-able).
 
     ``nproc`` > 1 trains with that many DDP processes on this machine (torchrun).
+    ``reconstructions`` also writes ``out/reconstructions.png`` (its path in the result).
     """
     result = train_task(config, str(Path(out)), progress, nproc)
+    if reconstructions:
+        result["reconstructions"] = reconstructions_task(result["checkpoint"], config, out)
     v = result["validation"]
     if v:
         create_markdown_artifact(

@@ -25,6 +25,7 @@ RECORD_KIND = "vqtok-shard-record"
 LAYOUT_VERSION = 1
 SUFFIXES = {"parquet": ".parquet", "hdf5": ".h5"}
 FORMATS = tuple(SUFFIXES)
+DEFAULT_SHARD_SIZE = 10_000  # rows per shard unless asked otherwise
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from vqtok.storage.layout import (
     FORMATS,
     MANIFEST_KIND,
     MANIFEST_NAME,
+    TOKENS_DIR,
     find_tokens_dir,
     read_json,
     resolve,
@@ -82,11 +83,13 @@ class Manifest:
         """The manifest of ``folder`` (a run folder or its tokens/ folder)."""
         tokens_dir = find_tokens_dir(folder)
         if tokens_dir is None:
-            raise TokenStoreError(
-                folder,
-                f"no {MANIFEST_NAME} here or in tokens/; the store was not finalized "
-                "(call ShardedTokenStore.finalize())",
-            )
+            started = any(folder.glob("*/_part-*.done.json")) or any(
+                folder.glob(f"{TOKENS_DIR}/*/_part-*.done.json"))
+            raise TokenStoreError(folder, (
+                f"no {MANIFEST_NAME} here or in tokens/: the store was not finalized; re-run "
+                "the encode that writes it (finished shards are kept)") if started else (
+                f"no {MANIFEST_NAME} here or in tokens/, so no token store; pass a token "
+                "file or the folder 'encode' wrote"))
         return cls(tokens_dir)
 
     def pick_format(self, wanted: str | None) -> str:

@@ -14,6 +14,7 @@ from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.hashing import sha256_file
 from vqtok.storage.hdf5_writer import HDF5TokenWriter
 from vqtok.storage.layout import (
+    DEFAULT_SHARD_SIZE,
     FORMATS,
     LAYOUT_VERSION,
     MANIFEST_KIND,
@@ -28,8 +29,6 @@ from vqtok.storage.layout import (
 )
 from vqtok.storage.meta import TokenMeta
 from vqtok.storage.parquet_writer import ParquetTokenWriter
-
-DEFAULT_SHARD_SIZE = 10_000
 
 
 class ShardedTokenStore:

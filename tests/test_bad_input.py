@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from vqtok.tokenizer import save_checkpoint
 from vqtok.tokenizer.checkpoint import build_model
 from vqtok.tokenizer.config import parse_config
 
-from tests.helpers import fails, make_checkpoint, tiny_raw, write_npz
+from tests.helpers import console_command, fails, make_checkpoint, tiny_raw, write_npz
 
 
 def write_config(path: Path, raw: dict) -> Path:
@@ -126,6 +127,40 @@ def test_corrupt_image_is_named_and_finished_shards_are_kept(kit, tmp_path):
                   "--out", tmp_path / "out-workers", "--shard-size", "4", "--quiet",
                   "--workers", "2")
     assert again == message
+
+
+def test_the_run_log_keeps_what_the_console_leaves_out(kit, tmp_path, prefect_harness):
+    """A failure after Prefect started: one console line, the whole story in OUT/logs; with
+    --verbose the console shows Prefect's own lines too. Run as users run it."""
+    from prefect.settings import PREFECT_API_URL
+
+    root = image_folder(tmp_path / "images")
+    (root / "b" / "8.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+
+    def encode(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [console_command(), *extra, "encode", "--checkpoint", str(kit["checkpoint"]),
+             "--dataset", f"imagefolder:{root}", "--out", str(out), "--shard-size", "4",
+             "--quiet"], cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+
+    quiet = encode(tmp_path / "out")
+    assert quiet.returncode == 1
+    ours = [line for line in quiet.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and ours[0].startswith(f"error: {root}/b/8.png: cannot read image")
+    assert quiet.stderr.strip().splitlines()[-1] == ours[0]
+    assert "| ERROR" not in quiet.stderr and "Traceback" not in quiet.stderr
+    [log] = (tmp_path / "out" / "logs").glob("encode-*.log")
+    text = log.read_text()
+    assert "| ERROR" in text and "Finished in state Failed" in text  # what the console hid
+    assert f"vqtok.cli - {ours[0]}" in text and "Traceback (most recent call last)" in text
+
+    verbose = encode(tmp_path / "out-verbose", "--verbose")
+    assert verbose.returncode == 1
+    assert "Finished in state Failed" in verbose.stderr  # Prefect's console, unfiltered
+    assert verbose.stderr.strip().splitlines()[-1] == ours[0]
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -502,7 +537,7 @@ def test_npz_labels_that_are_not_class_ids_name_the_file_and_entry(kit, tmp_path
     ({"channels": 3}, "data.channels is 3, the checkpoint's model takes 1-channel images; set "
      "data.channels: 1 (images are converted)"),
     ({"image_size": 10}, "data.image_size 10 is not a multiple of 4 (the model downsamples 2 "
-     "times); use e.g. 8"),
+     "times); use e.g. data.image_size: 8"),
 ])
 def test_a_config_the_checkpoints_model_cannot_take_is_refused_up_front(kit, tmp_path, data,
                                                                           expected):

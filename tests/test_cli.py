@@ -126,7 +126,7 @@ def test_encode_without_checkpoint_is_a_usage_error(tmp_path):
 
 def _interrupted_command(error: BaseException):
     import click
-    from vqtok.flows.cli import friendly_errors
+    from vqtok.flows.error_policy import friendly_errors
 
     @click.command()
     @friendly_errors

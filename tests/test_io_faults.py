@@ -123,7 +123,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(kit, tmp_pa
     assert fails("train", "--config", config_file, "--out", out, "--quiet") == (
         f"{out}/checkpoint.tmp/model.safetensors: No space left on device; free some space "
         "(or choose another --out) and re-run: finished work is kept")
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]  # no checkpoint.tmp
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "logs"]  # no checkpoint.tmp
     assert json.loads((out / "checkpoint/train_state.json").read_text())["step"] == 2
     load_tokenizer(out)
 

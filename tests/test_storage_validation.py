@@ -159,8 +159,12 @@ def test_unknown_extension_and_missing_files(tmp_path):
         load_grid(tmp_path / "t.csv")
     with pytest.raises(TokenStoreError, match="no such file"):
         load_grid(tmp_path / "missing.parquet")
-    with pytest.raises(TokenStoreError, match="not finalized"):
-        load_grid(tmp_path)
+    with pytest.raises(TokenStoreError, match="so no token store; pass a token file"):
+        load_grid(tmp_path)  # a folder that never held a store
+    (tmp_path / "tokens" / "train").mkdir(parents=True)
+    (tmp_path / "tokens" / "train" / "_part-00000.done.json").write_text("{}")
+    with pytest.raises(TokenStoreError, match="the store was not finalized; re-run the encode"):
+        load_grid(tmp_path)  # an encode that stopped before publishing its manifest
 
 
 def test_token_grid_select_of_an_absent_split_is_empty():

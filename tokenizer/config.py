@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
 
+#: Images per batch when encoding or decoding where no GPU memory decides it (on a GPU the
+#: encoder measures what fits): the one home of that default.
+ENCODE_BATCH_SIZE = 256
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)

@@ -40,6 +40,7 @@ from .errors import TrainingError
 from .faults import pause_point
 from .model import VQVAE
 from .sources import ImageSource, iterate_batches, iterate_id_batches, open_source, split_batches
+from .splits import heldout_split
 from .stats import code_histogram, psnr, usage_summary
 
 Logger = Callable[[str], None]
@@ -289,10 +290,11 @@ def train(
             f"= {factor}; choose a multiple of {factor}"
         )
     train_ids = source.split_ids(config.data.train_split)
-    val_split = config.data.val_split
-    if val_split not in source.splits and "test" in source.splits:
-        log(f"dataset {source.name} has no '{val_split}' split; validating on 'test'")
-        val_split = "test"
+    val_split = heldout_split(source.splits, config.data.val_split,
+                              exclude=config.data.train_split) or config.data.val_split
+    if val_split != config.data.val_split:
+        log(f"dataset {source.name} has no '{config.data.val_split}' split; validating on "
+            f"'{val_split}'")
     val_ids = source.split_ids(val_split)
     if len(train_ids) == 0:
         raise TrainingError(f"split '{config.data.train_split}' of {source.name} is empty")

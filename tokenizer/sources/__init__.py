@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import DataError
-from .base import DEFAULT_DATA_ROOT, ArraySource, ImageSource, holdout_splits
+from ..splits import holdout_splits
+from .base import DEFAULT_DATA_ROOT, ArraySource, ImageSource
 from .batches import iterate_batches, iterate_id_batches, prefetched, split_batches
 from .cifar import cifar10
 from .idx import bundled_mnist_sample, idx_source, read_idx

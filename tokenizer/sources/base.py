@@ -24,12 +24,6 @@ T = TypeVar("T")
 DEFAULT_DATA_ROOT = Path(os.environ.get("VQTOK_DATA", "~/.cache/vqtok/data")).expanduser()
 
 
-def holdout_splits(n: int) -> dict[str, np.ndarray]:
-    """Every tenth image (id % 10 == 9) is validation: deterministic and spread evenly."""
-    ids = np.arange(n, dtype=np.int64)
-    return {"train": ids[ids % 10 != 9], "validation": ids[ids % 10 == 9]}
-
-
 def _sha256_files(paths: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:

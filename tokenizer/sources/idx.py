@@ -11,7 +11,8 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DataError
-from .base import ArraySource, _sha256_files, holdout_splits
+from ..splits import holdout_splits
+from .base import ArraySource, _sha256_files
 
 ASSETS = Path(__file__).parent.parent / "assets"
 

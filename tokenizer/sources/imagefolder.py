@@ -12,7 +12,8 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DataError
-from .base import ImageSource, _conform, holdout_splits
+from ..splits import holdout_splits
+from .base import ImageSource, _conform
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 

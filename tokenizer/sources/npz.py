@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DataError
-from .base import ArraySource, _sha256_files, holdout_splits
+from ..splits import holdout_splits
+from .base import ArraySource, _sha256_files
 
 LABEL_MAX = 2**31 - 1  # token stores keep labels as int32; -1 means "no label"
 
@@ -40,6 +42,9 @@ def npz_source(path: Path, cfg: DataConfig) -> ArraySource:
         raise DataError(f"npz:{path}: is a folder; use imagefolder:{path} for folders of images")
     if not path.is_file():
         raise DataError(f"npz:{path}: file not found")
+    if not zipfile.is_zipfile(path):  # numpy would call it pickled data and suggest unpickling
+        raise DataError(f"{path}: not a .npz file (not a zip archive); write it with "
+                        "numpy.savez(path, images=..., labels=...)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             if "images" not in archive:

@@ -1,0 +1,28 @@
+"""The split rules, in one place: which images a source holds out when it has no splits of
+its own, and which split figures are measured on."""
+
+from __future__ import annotations
+
+import numpy as np
+
+VALIDATION_EVERY = 10  # one image in ten (id % 10 == 9) is validation
+HELDOUT_SPLITS = ("validation", "test")  # where figures are measured, in order of preference
+
+
+def holdout_splits(n: int) -> dict[str, np.ndarray]:
+    """Every tenth image (id % 10 == 9) is validation: deterministic and spread evenly."""
+    ids = np.arange(n, dtype=np.int64)
+    last = VALIDATION_EVERY - 1
+    return {"train": ids[ids % VALIDATION_EVERY != last],
+            "validation": ids[ids % VALIDATION_EVERY == last]}
+
+
+def heldout_split(split_names: object, preferred: str | None = None,
+                  exclude: str | None = None) -> str | None:
+    """The split held-out figures come from: ``preferred`` when there is one, else
+    validation, else test (never ``exclude``, the split being trained on); None if none."""
+    names = set(split_names)  # type: ignore[call-overload]
+    for name in (preferred, *HELDOUT_SPLITS):
+        if name is not None and name in names and name != exclude:
+            return name
+    return None
