@@ -35,11 +35,10 @@ import torch
 from PIL import Image
 from torch import nn
 from torchvision.utils import make_grid
-from vqtok.flows.prior_flow import prior_data_meta
 from vqtok.storage import TokenDataset, load_grid
 from vqtok.tokenizer import load_tokenizer, open_source
 from vqtok.tokenizer.config import DataConfig
-from vqtok.tokenizer.prior.checkpoint import load_prior
+from vqtok.tokenizer.prior.checkpoint import load_prior, prior_data_meta
 from vqtok.tokenizer.prior.config import PriorConfig
 from vqtok.tokenizer.prior.train import evaluate_prior, stack_dataset, train_prior
 
@@ -136,7 +135,7 @@ def main() -> None:
     started = time.perf_counter()
     result = train_prior(config, out / "prior", train_set, None,
                          vocab_size=grid.meta.codebook_size,
-                         data_meta=prior_data_meta(tokens, grid.meta, "train", None),
+                         data_meta=prior_data_meta(tokens, grid.meta.to_dict(), "train", None),
                          log=lambda line: print(line, flush=True))
     train_seconds = time.perf_counter() - started
     prior = load_prior(out / "prior")

@@ -31,9 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from vqtok.storage import HDF5TokenWriter, ParquetTokenWriter, TokenMeta, load_grid
-from vqtok.storage.hdf5_writer import DEFAULT_GZIP_LEVEL
-from vqtok.storage.parquet_schema import CODES_LEAF
-from vqtok.storage.parquet_writer import (
+from vqtok.storage.hdf5 import DEFAULT_GZIP_LEVEL
+from vqtok.storage.parquet import (
+    CODES_LEAF,
     DEFAULT_ROW_GROUP_TOKENS,
     DEFAULT_ZSTD_LEVEL,
     parquet_write_options,

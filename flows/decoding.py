@@ -12,12 +12,12 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from vqtok.files.atomic import atomic_path
 from vqtok.flows.errors import PipelineError
 from vqtok.flows.runtime import cached_model, cached_source
 from vqtok.storage import load_grid, read_meta
@@ -47,12 +47,10 @@ def _originals(meta_extra: dict[str, Any], fingerprint: str, ids: np.ndarray, lo
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as temp, open(temp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
     return path
 
 

@@ -19,7 +19,7 @@ from vqtok.flows.decode_flow import decode_flow
 from vqtok.flows.errors import PipelineError
 from vqtok.storage import ParquetTokenWriter, TokenDataset, TokenMeta, load_grid
 from vqtok.tokenizer.checkpoint import CheckpointError, read_checkpoint_meta
-from vqtok.tokenizer.prior.checkpoint import load_prior, read_prior_meta
+from vqtok.tokenizer.prior.checkpoint import load_prior, prior_data_meta, read_prior_meta
 from vqtok.tokenizer.prior.config import parse_prior_config
 from vqtok.tokenizer.prior.train import train_prior
 from vqtok.tokenizer.splits import heldout_split
@@ -27,13 +27,6 @@ from vqtok.tokenizer.training import resolve_device
 
 SAMPLE_SPLIT = "sample"
 SAMPLES_FILE = "samples.parquet"
-
-
-def prior_data_meta(tokens: str | Path, meta: TokenMeta, train_split: str,
-                    heldout: str | None) -> dict[str, Any]:
-    """What a prior checkpoint keeps about its tokens: sampling writes files with this meta."""
-    return {"tokens": str(Path(tokens).resolve()), "token_meta": meta.to_dict(),
-            "train_split": train_split, "heldout_split": heldout}
 
 
 @task(name="train-prior")
@@ -50,7 +43,7 @@ def train_prior_task(tokens: str, out: str, config: dict[str, Any], train_split:
     heldout = heldout or heldout_split(grid.split_names, exclude=train_split)
     if heldout is None:
         logger.warning(f"{tokens} has no validation or test split: no held-out figures")
-    data = prior_data_meta(tokens, grid.meta, train_split, heldout)
+    data = prior_data_meta(tokens, grid.meta.to_dict(), train_split, heldout)
     result = train_prior(
         parse_prior_config(config), out, TokenDataset(grid, split=train_split),
         TokenDataset(grid, split=heldout) if heldout else None,

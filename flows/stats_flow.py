@@ -5,14 +5,12 @@ The work is ``flows.usage_stats``; this flow runs it as tasks and adds the usage
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from vqtok.flows.retry import retry_on_io_error
-from vqtok.flows.usage_stats import summarize, write_plots, write_stats
+from vqtok.flows.usage_stats import write_plots, write_stats
 from vqtok.tokenizer.health import quality_line
 
 compute_stats = task(name="compute-stats", retries=1,
@@ -24,9 +22,8 @@ plot_usage = task(name="plot-usage")(write_plots)
 def stats_flow(tokens: str, out: str) -> dict[str, Any]:
     """Usage %, dead codes, perplexity, entropy, per-position figures, most/least used codes."""
     logger = get_run_logger()
-    stats_path = compute_stats(tokens, out)
-    plots = plot_usage(stats_path)
-    stats = json.loads(Path(stats_path).read_text())
+    stats = compute_stats(tokens, out)
+    plots = plot_usage(stats["stats"])
     logger.info(f"usage {stats['usage']:.1%} ({stats['codes_used']}/{stats['codebook_size']}), "
                 f"perplexity {stats['perplexity']:.1f}, {stats['entropy_bits']:.2f} bits/token")
     most = ", ".join(f"{c['code']} ({c['count']})" for c in stats["most_used"][:5])
@@ -45,4 +42,4 @@ def stats_flow(tokens: str, out: str) -> dict[str, Any]:
         ),
         description="Codebook usage from stats_flow",
     )
-    return summarize(stats, stats_path, plots)
+    return {**stats, "plots": plots}

@@ -81,15 +81,13 @@ def describe(path: Path) -> str:
 
 def describe_tokens(path: Path) -> str:
     """A token store's metadata and row counts per split."""
-    from vqtok.storage import load_grid, read_meta
+    from vqtok.storage import read_meta
+    from vqtok.storage.reader import split_rows
 
     token_meta = read_meta(path)
-    grid = load_grid(path)
-    counts: dict[str, int] = {}
-    for name in grid.split_names:
-        counts[name] = int((grid.splits == name).sum())
+    counts = split_rows(path)
     lines = [f"tokens {path}",
-             f"  rows            {len(grid.codes)} ("
+             f"  rows            {sum(counts.values())} ("
              + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")",
              f"  grid            {token_meta.grid_h} x {token_meta.grid_w}, codebook "
              f"{token_meta.codebook_size}",

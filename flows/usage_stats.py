@@ -10,17 +10,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vqtok.files.atomic import write_bytes_atomic
 from vqtok.flows.plots import plot_position_entropy, plot_sorted_usage
 from vqtok.storage import load_grid
-from vqtok.storage.atomic import write_bytes_atomic
 from vqtok.tokenizer.usage import usage_report
 
 SUMMARY_KEYS = ("images", "codebook_size", "codes_used", "dead_codes", "usage", "perplexity",
-                "entropy_bits", "tokenizer_quality")
+                "entropy_bits", "tokenizer_quality", "dataset", "most_used")
 
 
-def write_stats(tokens: str, out: str) -> str:
-    """Read every code once and write OUT/stats.json (atomically); returns its path."""
+def write_stats(tokens: str, out: str) -> dict[str, Any]:
+    """Read every code once and write OUT/stats.json (atomically); returns its path
+    (``stats``) and the headline figures (a small dict: tasks pass paths, not arrays)."""
     grid = load_grid(tokens)
     report = usage_report(grid.codes, grid.meta.codebook_size, grid.split_index,
                           tuple(grid.split_names))
@@ -30,24 +31,19 @@ def write_stats(tokens: str, out: str) -> str:
     report["tokenizer_quality"] = grid.meta.extra.get("tokenizer_quality", {})
     report["tokens"] = str(tokens)
     path = Path(out) / "stats.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, json.dumps(report, indent=2).encode())
-    return str(path)
+    return {**{k: report[k] for k in SUMMARY_KEYS}, "stats": str(path)}
 
 
 def write_plots(stats_path: str) -> list[str]:
+    """The two plots beside stats.json, drawn from it (read once, here)."""
     stats = json.loads(Path(stats_path).read_text())
     folder = Path(stats_path).parent
     return [str(plot_sorted_usage(stats, folder / "usage.png")),
             str(plot_position_entropy(stats, folder / "position_entropy.png"))]
 
 
-def summarize(stats: dict[str, Any], stats_path: str, plots: list[str]) -> dict[str, Any]:
-    return {**{k: stats[k] for k in SUMMARY_KEYS}, "stats": stats_path, "plots": plots}
-
-
 def usage_stats(tokens: str, out: str) -> dict[str, Any]:
     """stats.json and the plots, without Prefect; the same result as ``stats_flow``."""
-    stats_path = write_stats(tokens, out)
-    plots = write_plots(stats_path)
-    return summarize(json.loads(Path(stats_path).read_text()), stats_path, plots)
+    summary = write_stats(tokens, out)
+    return {**summary, "plots": write_plots(summary["stats"])}

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.export import export_memmap
 from vqtok.storage.grid import TokenGrid
-from vqtok.storage.hdf5_writer import HDF5TokenWriter
+from vqtok.storage.hdf5 import HDF5TokenWriter
 from vqtok.storage.layout import ShardSpec
 from vqtok.storage.meta import TokenMeta
-from vqtok.storage.parquet_writer import ParquetTokenWriter
+from vqtok.storage.parquet import ParquetTokenWriter
 from vqtok.storage.reader import load_grid, read_meta, read_tokens
 from vqtok.storage.sharded import ShardedTokenStore, ShardWriter
 

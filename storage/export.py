@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from vqtok.storage.atomic import AtomicFile, write_json_atomic
+from vqtok.files.atomic import AtomicFile, write_json_atomic
 from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.manifest import Manifest, load_shard
 from vqtok.storage.reader import load_grid

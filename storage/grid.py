@@ -8,12 +8,31 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-from vqtok.storage.batch import check_codes_range
 from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.meta import TokenMeta
 
 if TYPE_CHECKING:
     import pandas as pd
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0])
+
+
+def check_codes_range(codes: np.ndarray, codebook_size: int, where: object, what: str) -> None:
+    """codes must index the codebook; name the first bad row so the caller can find it."""
+    if codes.size == 0:
+        return
+    low, high = codes.min(), codes.max()
+    if low < 0 or high >= codebook_size:
+        bad = (codes < 0) | (codes >= codebook_size)
+        row = _first_bad(bad)
+        value = codes.reshape(codes.shape[0], -1)[row][bad.reshape(bad.shape[0], -1)[row]][0]
+        raise TokenStoreError(
+            where,
+            f"{what}: code {int(value)} at row {row} is outside the codebook [0, {codebook_size}); "
+            "the tokens belong to another tokenizer or are corrupt",
+        )
 
 
 @dataclass(frozen=True)
@@ -70,7 +89,7 @@ class TokenGrid:
 
     def to_arrow(self) -> pa.Table:
         """The same table the Parquet files hold, schema metadata included."""
-        from vqtok.storage.parquet_schema import arrow_schema
+        from vqtok.storage.parquet import arrow_schema
 
         schema = arrow_schema(self.meta)
         flat = np.ascontiguousarray(self.codes).reshape(-1)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.grid import TokenGrid
-from vqtok.storage.hashing import sha256_file
-from vqtok.storage.hdf5_reader import read_hdf5_grid
+from vqtok.storage.hdf5 import read_hdf5_grid
 from vqtok.storage.layout import (
     FORMATS,
     MANIFEST_KIND,
@@ -20,9 +20,21 @@ from vqtok.storage.layout import (
     resolve,
 )
 from vqtok.storage.meta import TokenMeta
-from vqtok.storage.parquet_reader import read_parquet_grid
+from vqtok.storage.parquet import read_parquet_grid
 
 READERS = {"parquet": read_parquet_grid, "hdf5": read_hdf5_grid}
+
+
+_HASH_BLOCK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """The content hash recorded in the manifest and checked on read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

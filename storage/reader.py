@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 
 from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.grid import TokenGrid, concat_grids
-from vqtok.storage.hdf5_reader import read_hdf5_meta
+from vqtok.storage.hdf5 import read_hdf5_meta, read_hdf5_split_rows
 from vqtok.storage.manifest import READERS, Manifest, load_shard
 from vqtok.storage.meta import TokenMeta
-from vqtok.storage.parquet_reader import read_parquet_meta
+from vqtok.storage.parquet import read_parquet_meta, read_parquet_split_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,6 +67,17 @@ def read_meta(path: str | os.PathLike[str]) -> TokenMeta:
     if path.is_dir():
         return Manifest.find(path).meta
     return read_parquet_meta(path) if file_format(path) == "parquet" else read_hdf5_meta(path)
+
+
+def split_rows(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Rows per split, without loading codes: a store's manifest holds them; a single file's
+    split column is all that is read."""
+    path = Path(path)
+    if path.is_dir():
+        return dict(Manifest.find(path).split_rows)
+    if file_format(path) == "parquet":
+        return read_parquet_split_rows(path)
+    return read_hdf5_split_rows(path)
 
 
 def read_tokens(

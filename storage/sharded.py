@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from vqtok.storage.atomic import PublishOnSuccess, stale_temps, write_json_atomic
-from vqtok.storage.batch import check_split_name
+from vqtok.files.atomic import is_temp, stale_temps, write_json_atomic
 from vqtok.storage.errors import TokenStoreError
-from vqtok.storage.hashing import sha256_file
-from vqtok.storage.hdf5_writer import HDF5TokenWriter
+from vqtok.storage.hdf5 import HDF5TokenWriter
 from vqtok.storage.layout import (
     DEFAULT_SHARD_SIZE,
     FORMATS,
@@ -27,8 +25,10 @@ from vqtok.storage.layout import (
     resolve,
     shard_relpath,
 )
+from vqtok.storage.manifest import sha256_file
 from vqtok.storage.meta import TokenMeta
-from vqtok.storage.parquet_writer import ParquetTokenWriter
+from vqtok.storage.parquet import ParquetTokenWriter
+from vqtok.storage.writer import PublishOnSuccess, check_split_name
 
 
 class ShardedTokenStore:
@@ -283,7 +283,7 @@ class ShardedTokenStore:
             rel = path.relative_to(self.tokens_dir).as_posix()
             if rel in expected:
                 continue
-            if path.name.startswith(".") and path.name.endswith(".tmp"):
+            if is_temp(path):
                 path.unlink(missing_ok=True)  # a killed or duplicate writer's leftovers
             elif not path.name.startswith("."):
                 raise TokenStoreError(

@@ -373,7 +373,7 @@ def forged_tokens(path: Path, checkpoint_hash: str, codes: np.ndarray) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from vqtok.storage import TokenMeta
-    from vqtok.storage.parquet_schema import arrow_schema, codes_type
+    from vqtok.storage.parquet import arrow_schema, codes_type
 
     meta = TokenMeta(codebook_size=16, grid_h=2, grid_w=2, dataset="forged",
                      dataset_fingerprint="x", checkpoint_hash=checkpoint_hash,

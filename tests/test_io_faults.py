@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-import vqtok.storage.atomic
+import vqtok.files.atomic
 import yaml
 from click.testing import CliRunner
 from vqtok.flows.cli import main
@@ -49,7 +49,7 @@ def encode(kit, out, *extra):
 
 def failing_fsync(monkeypatch, fail_from: int, fail_count: int, code: int):
     """fsync calls number fail_from .. fail_from + fail_count - 1 raise OSError(code)."""
-    real = vqtok.storage.atomic.fsync_path
+    real = vqtok.files.atomic.fsync_path
     calls = {"n": 0, "raised": 0, "real": real}
 
     def fsync(path):
@@ -59,7 +59,7 @@ def failing_fsync(monkeypatch, fail_from: int, fail_count: int, code: int):
             raise OSError(code, os.strerror(code))
         real(path)
 
-    monkeypatch.setattr(vqtok.storage.atomic, "fsync_path", fsync)
+    monkeypatch.setattr(vqtok.files.atomic, "fsync_path", fsync)
     return calls
 
 
@@ -81,7 +81,7 @@ def test_disk_full_mid_encode_leaves_only_whole_shards_and_a_rerun_completes(
         == ["train", "train/_part-00000.done.json", "train/part-00000.h5",
             "train/part-00000.parquet"]
 
-    monkeypatch.setattr(vqtok.storage.atomic, "fsync_path", calls["real"])  # space freed
+    monkeypatch.setattr(vqtok.files.atomic, "fsync_path", calls["real"])  # space freed
     result = encode(kit, out)
     assert "1 of 4 shards already done" in result.output
     assert tree(out / "tokens") == tree(tmp_path / "reference" / "tokens")

@@ -10,7 +10,8 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-FOLDERS = {"tokenizer": "vqtok.tokenizer", "storage": "vqtok.storage", "flows": "vqtok.flows"}
+FOLDERS = {"tokenizer": "vqtok.tokenizer", "storage": "vqtok.storage", "flows": "vqtok.flows",
+           "files": "vqtok.files"}
 
 
 def imported_modules(folder: Path) -> dict[str, set[str]]:
@@ -43,6 +44,37 @@ def test_tokenizer_and_storage_never_import_prefect_flows_or_each_other(folder, 
                         or any(n == f or n.startswith(f + ".") for f in forbidden))
            for file, names in imported_modules(ROOT / folder).items()}
     assert {file: names for file, names in bad.items() if names} == {}
+
+
+def test_files_imports_only_the_standard_library():
+    """vqtok.files is what tokenizer, storage and flows all import: it must import none of
+    them (nor anything outside the standard library)."""
+    import sys
+
+    bad = {file: sorted(n for n in names if n.split(".")[0] not in sys.stdlib_module_names
+                        and n != "__future__")
+           for file, names in imported_modules(ROOT / "files").items()}
+    assert {file: names for file, names in bad.items() if names} == {}
+
+
+# Benchmarks measure tokenizer and storage; these two measure the flows themselves (the CLI
+# next to its bare work, the encode flow next to a bare loop) and may import them.
+MEASURE_FLOWS = {"benchmarks/cli_latency.py", "benchmarks/encode_throughput.py"}
+
+
+def test_benchmarks_import_only_tokenizer_and_storage():
+    bad = {file: sorted(n for n in names if n.startswith("vqtok.flows"))
+           for file, names in imported_modules(ROOT / "benchmarks").items()
+           if file not in MEASURE_FLOWS}
+    assert {file: names for file, names in bad.items() if names} == {}
+
+
+def test_the_public_names_of_tokenizer_resolve_lazily_and_all_exist():
+    import vqtok.tokenizer as tokenizer
+
+    assert sorted(tokenizer.__all__) == sorted(tokenizer._PUBLIC)
+    for name in tokenizer.__all__:
+        assert getattr(tokenizer, name).__name__ == name
 
 
 def test_no_module_imports_the_old_top_level_names():

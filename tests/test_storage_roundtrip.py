@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from vqtok.storage import HDF5TokenWriter, ParquetTokenWriter, TokenMeta, load_grid, read_meta
-from vqtok.storage.parquet_schema import CODES_LEAF
+from vqtok.storage.parquet import CODES_LEAF
 
 WRITERS = {"parquet": (ParquetTokenWriter, ".parquet"), "hdf5": (HDF5TokenWriter, ".h5")}
 SMALL_BLOCKS = {"parquet": {"row_group_size": 3}, "hdf5": {"chunk_rows": 3}}
@@ -212,7 +212,7 @@ def test_hdf5_layout_follows_the_issue(tmp_path):
 def test_codes_from_sliced_arrow_chunks():
     """Arrow may hand back chunks that are slices of a bigger array; .values would ignore that."""
     import pyarrow as pa
-    from vqtok.storage.parquet_reader import _codes
+    from vqtok.storage.parquet import _codes
 
     meta = make_meta(512, (2, 2))
     flat = np.arange(40, dtype=np.uint16)
@@ -235,3 +235,18 @@ def test_writer_memory_is_bounded_by_one_block(fmt, tmp_path):
             writer.write(np.zeros((50, 7, 7), int), np.arange(start, start + 50), None, "train")
             assert writer._buffer.num_rows < block
     assert load_grid(writer.path).num_rows == 1000
+
+
+@pytest.mark.parametrize("fmt", list(WRITERS))
+def test_split_rows_counts_without_loading_codes(fmt, tmp_path):
+    from vqtok.storage.reader import split_rows
+
+    meta = make_meta(codebook_size=16, grid=(2, 2))
+    rng = np.random.default_rng(0)
+    parts = [(rng.integers(0, 16, (n, 2, 2)), np.arange(start, start + n), None, split)
+             for start, n, split in ((0, 5, "train"), (5, 2, "test"), (7, 4, "train"))]
+    path = tmp_path / f"t{WRITERS[fmt][1]}"
+    write_file(fmt, path, meta, parts, **SMALL_BLOCKS[fmt])
+    grid = load_grid(path)
+    assert split_rows(path) == {"train": 9, "test": 2} == {
+        name: int((grid.splits == name).sum()) for name in grid.split_names}

@@ -11,7 +11,7 @@ explicitly to run the GPU path's code on CPU.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,9 +38,6 @@ class Accel:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return cls(device, dtype if amp else None, channels_last=True, pin_memory=True,
                    prefetch=2)
-
-    def with_(self, **changes: Any) -> Accel:
-        return replace(self, **changes)
 
     @property
     def memory_format(self) -> torch.memory_format:

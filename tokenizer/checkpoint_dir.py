@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from vqtok.files.atomic import fsync_path, previous_dir, recover_dir, swap_dir
 
 from .errors import CheckpointError
 
@@ -70,19 +71,9 @@ def cpu_state(module: torch.nn.Module) -> Tensors:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    """Into the temporary folder (published as a whole by the swap), fsynced there."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
 def recover_checkpoint(directory: str | Path) -> None:
@@ -91,11 +82,7 @@ def recover_checkpoint(directory: str | Path) -> None:
     Without this a resumed run would see no checkpoint and start over, and the next save
     would delete ``.old``: the only good copy.
     """
-    directory = Path(directory)
-    old = directory.with_name(directory.name + ".old")
-    if not directory.exists() and (old / META).is_file():
-        old.rename(directory)
-        _fsync_dir(directory.parent)
+    recover_dir(Path(directory), META)
 
 
 def write_checkpoint_dir(
@@ -115,7 +102,6 @@ def write_checkpoint_dir(
     directory = Path(directory)
     recover_checkpoint(directory)
     tmp = directory.with_name(directory.name + ".tmp")
-    old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     digest = weights_hash(state)
     target = tmp
@@ -134,8 +120,7 @@ def write_checkpoint_dir(
             _write_json(target, info)
         for f in tmp.iterdir():
             target = f
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_path(f)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.filename is None and exc.errno is not None:
@@ -144,13 +129,7 @@ def write_checkpoint_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # Swap: a crash between the two renames leaves ``.old``, which recover_checkpoint restores.
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        directory.rename(old)
-    tmp.rename(directory)
-    _fsync_dir(directory.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_dir(tmp, directory)  # a crash inside leaves ``.old``: recover_checkpoint restores it
     return digest
 
 
@@ -165,8 +144,8 @@ def resolve_checkpoint_dir(path: str | Path, kind: CheckpointKind) -> Path:
     if path.is_file():
         candidates: tuple[Path, ...] = (path.parent,)
     else:
-        candidates = (path, path / "checkpoint", path.with_name(path.name + ".old"),
-                      path / "checkpoint.old")
+        candidates = (path, path / "checkpoint", previous_dir(path),
+                      previous_dir(path / "checkpoint"))
     for candidate in candidates:
         if (candidate / META).is_file():
             return candidate

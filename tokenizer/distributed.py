@@ -28,10 +28,6 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def is_main() -> bool:
-    return rank() == 0
-
-
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks, in place; returns it."""
     if is_distributed():

@@ -20,6 +20,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from vqtok.files.atomic import write_bytes_atomic
+
 _hits: Counter[tuple[str, str]] = Counter()
 
 
@@ -53,8 +55,6 @@ def pause_point(name: str) -> None:
     count = os.environ["VQTOK_PAUSE_AT"].rpartition(":")[2]
     marker = os.environ.get("VQTOK_PAUSE_MARKER")
     if marker:
-        tmp = Path(marker).with_name(Path(marker).name + ".tmp")
-        tmp.write_text(f"{name}:{count} pid {os.getpid()}\n")
-        os.replace(tmp, marker)
+        write_bytes_atomic(Path(marker), f"{name}:{count} pid {os.getpid()}\n".encode())
     while True:  # until SIGKILL, or SIGINT (KeyboardInterrupt) in the main thread
         time.sleep(0.05)

@@ -19,21 +19,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from vqtok.files.atomic import write_json_atomic
+
 from . import distributed as dist
-from .checkpoint import CheckpointError
-from .config import Config, ConfigError, load_config, parse_config
-from .sources import DataError
-from .training import TrainingError, train
+from .config import Config, load_config, parse_config
+from .errors import CheckpointError, ConfigError, DataError, TrainingError
+from .training import train
 
 KNOWN_ERRORS = (TrainingError, DataError, CheckpointError, ConfigError)
 
 
 def _write(path: str | None, payload: dict[str, Any]) -> None:
     if path:
-        target = Path(path)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-        tmp.replace(target)
+        write_json_atomic(Path(path), payload)
 
 
 def read_config(path: str) -> Config:

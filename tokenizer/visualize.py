@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from vqtok.files.atomic import atomic_path
 
 
 def image_grid(images: torch.Tensor, per_row: int, padding: int = 2,
@@ -33,14 +34,12 @@ def image_grid(images: torch.Tensor, per_row: int, padding: int = 2,
 
 
 def save_png(picture: torch.Tensor, path: str | Path) -> Path:
-    """A (3, H, W) picture in [0, 1] as an 8-bit PNG, written under a temporary name."""
+    """A (3, H, W) picture in [0, 1] as an 8-bit PNG, published atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pixels = (picture.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
               .permute(1, 2, 0).numpy())
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as temp:
+        Image.fromarray(np.ascontiguousarray(pixels)).save(temp, format="PNG")
     return path
 
 

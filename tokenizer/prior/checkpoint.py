@@ -42,6 +42,14 @@ PRIOR = CheckpointKind(
 )
 
 
+def prior_data_meta(tokens: str | Path, token_meta: dict[str, Any], train_split: str,
+                    heldout: str | None) -> dict[str, Any]:
+    """What a prior checkpoint keeps about its tokens (``data``): sampling writes token files
+    with this metadata, so the right tokenizer decodes them."""
+    return {"tokens": str(Path(tokens).resolve()), "token_meta": dict(token_meta),
+            "train_split": train_split, "heldout_split": heldout}
+
+
 def save_prior(
     directory: str | Path,
     model: TokenPrior,
