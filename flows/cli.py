@@ -157,7 +157,7 @@ def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
     data = encode_data(meta, dataset, data_root, config_path)
     check_fits(meta, data)
     check_data(data)
-    check_model(checkpoint, device)
+    check_model(checkpoint, device, meta)
     check_out(out)
     result = encode_flow(checkpoint=checkpoint, out=out, data=data.model_dump(),
                          formats=FORMATS[fmt], shard_size=shard_size, batch_size=batch_size,
@@ -211,8 +211,9 @@ def decode(tokens: str, checkpoint: str | None, out: str, split: str | None, lim
 
     if not checkpoint:
         raise click.UsageError("decode needs --checkpoint (the tokenizer that made the tokens)")
-    check_tokens_match(tokens, checkpoint_description(checkpoint))
-    check_model(checkpoint, device)
+    meta = checkpoint_description(checkpoint)
+    check_tokens_match(tokens, meta)
+    check_model(checkpoint, device, meta)
     check_out(out)
     if uses_prefect("decode"):
         from vqtok.flows.decode_flow import decode_flow as decode_tokens
@@ -246,8 +247,9 @@ def run(config_path: str | None = None, out: str = "runs/demo", checkpoint: str 
     batch = overrides.pop("batch_size", None)
     config = build_config(config_path, **overrides)
     if checkpoint:
-        check_healthy(checkpoint_description(checkpoint), force)
-        check_model(checkpoint, overrides.get("device"))
+        meta = checkpoint_description(checkpoint)
+        check_healthy(meta, force)
+        check_model(checkpoint, overrides.get("device"), meta)
     check_data(config.data)
     check_out(out)
     explicit = config_path or any(v is not None for v in overrides.values())

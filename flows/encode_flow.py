@@ -164,7 +164,7 @@ def encode_flow(
     check_data_fits(config, data_cfg)
     source = cached_source(data_cfg)
     # With a cluster the workers encode; here the model is only read for the metadata.
-    model = cached_model(checkpoint, "cpu" if cluster else device)
+    model = cached_model(checkpoint, "cpu" if cluster else device, checkpoint_meta)
     meta = token_meta(model, source, data_cfg, checkpoint_meta)
     paths = RunPaths(Path(out))
     store = ShardedTokenStore(paths.root, meta, shard_size, formats)

@@ -51,12 +51,12 @@ def check_out(out: str | Path) -> None:
     check_writable(out)
 
 
-def check_model(checkpoint: str, device: str | None) -> None:
+def check_model(checkpoint: str, device: str | None, meta: dict[str, Any] | None = None) -> None:
     """Load the weights up front (the flows reuse them from the cache): a truncated or
     mismatched checkpoint fails before any Prefect machinery starts."""
     from vqtok.flows.runtime import cached_model
 
-    cached_model(checkpoint, device or "auto")
+    cached_model(checkpoint, device or "auto", meta)
 
 
 def check_healthy(meta: dict[str, Any], force: bool) -> None:

@@ -46,10 +46,11 @@ def _cached_model(checkpoint: str, device: str, weights_sha256: str) -> VQVAE:
     return load_tokenizer(checkpoint, device=resolve_device(device))
 
 
-def cached_model(checkpoint: str, device: str) -> VQVAE:
+def cached_model(checkpoint: str, device: str, meta: dict[str, Any] | None = None) -> VQVAE:
     """The checkpoint's model, loaded once per process while its weights stay the same
-    (a checkpoint re-written in place, by training more, is loaded again)."""
-    digest = read_checkpoint_meta(checkpoint)["weights_sha256"]
+    (a checkpoint re-written in place, by training more, is loaded again). ``meta``: its
+    config.json when the caller has just read it (else it is read here)."""
+    digest = (meta or read_checkpoint_meta(checkpoint))["weights_sha256"]
     return _cached_model(str(checkpoint), device, digest)
 
 
