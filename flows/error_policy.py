@@ -6,7 +6,7 @@
   tracebacks for all.
 - While Prefect runs a command, its console shows progress lines only: no ERROR record, no
   traceback, nothing that restates or follows our error line. Everything (Prefect's lines,
-  our error and its traceback) goes to ``OUT/logs/COMMAND-YYYYmmdd-HHMMSS.log``, created on
+  our error and its traceback) goes to ``OUT/logs/COMMAND-YYYYmmdd-HHMMSS-PID.log``, made on
   the first line logged, so a run refused before Prefect starts leaves no file; the Prefect
   API keeps flow and task run logs too. ``--verbose`` shows Prefect's whole console output.
 - Retries of transient I/O errors are the flows' business (``flows.retry``).
@@ -99,10 +99,12 @@ def _route_prefect_console(verbose: bool, log_file: Path | None) -> _FullLog | N
 
 
 def log_file_for(command: str, out: str | None) -> Path | None:
-    """Where a command's full log goes: ``OUT/logs/COMMAND-TIMESTAMP.log`` (None: no --out)."""
+    """Where a command's full log goes: ``OUT/logs/COMMAND-TIMESTAMP-PID.log`` (None: no
+    --out)."""
     if not out:
         return None
-    return Path(out) / LOG_FOLDER / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(out) / LOG_FOLDER / f"{command}-{stamp}-{os.getpid()}.log"  # runs share seconds
 
 
 def friendly_errors(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -23,8 +23,11 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_KIND = "vqtok-token-manifest"
 RECORD_KIND = "vqtok-shard-record"
 LAYOUT_VERSION = 1
-SUFFIXES = {"parquet": ".parquet", "hdf5": ".h5"}
+SUFFIXES = {"parquet": ".parquet", "hdf5": ".h5"}  # what the store writes
 FORMATS = tuple(SUFFIXES)
+#: What a token file may be called when read: the written suffixes and their long forms.
+READ_SUFFIXES = {**{suffix: fmt for fmt, suffix in SUFFIXES.items()},
+                 ".pq": "parquet", ".hdf5": "hdf5"}
 DEFAULT_SHARD_SIZE = 10_000  # rows per shard unless asked otherwise
 
 

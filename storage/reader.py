@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.grid import TokenGrid, concat_grids
 from vqtok.storage.hdf5 import read_hdf5_meta, read_hdf5_split_rows
+from vqtok.storage.layout import READ_SUFFIXES
 from vqtok.storage.manifest import READERS, Manifest, load_shard
 from vqtok.storage.meta import TokenMeta
 from vqtok.storage.parquet import read_parquet_meta, read_parquet_split_rows
@@ -17,11 +18,8 @@ from vqtok.storage.parquet import read_parquet_meta, read_parquet_split_rows
 if TYPE_CHECKING:
     import pandas as pd
 
-_FILE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}
-
-
 def file_format(path: Path) -> str:
-    fmt = _FILE_FORMATS.get(path.suffix.lower())
+    fmt = READ_SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise TokenStoreError(
             path,

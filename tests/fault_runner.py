@@ -31,6 +31,10 @@ def _child(argv: list[str], stdout: str, stderr: str, env: dict[str, str]) -> No
     """In the forked child: point fds 0-2 at files, set ``env``, run the CLI, exit with its
     code."""
     os.environ.update(env)
+    # Ctrl-C as in a terminal, whatever this test run inherited: a background job of a
+    # non-interactive shell (`nohup make test &`) starts with SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt, so the Ctrl-C case would wait out its timeout.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     for fd, path in ((1, stdout), (2, stderr)):
