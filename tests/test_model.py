@@ -57,6 +57,19 @@ def test_decode_refuses_codes_outside_the_codebook():
         model.decode(torch.zeros(1, 2, 2))
 
 
+def test_decode_takes_the_stores_uint16_codes_as_they_are():
+    """``torch.from_numpy`` of a token store's codes gives uint16: decoded exactly like int64."""
+    import numpy as np
+
+    model = small()
+    codes = model.encode(torch.rand(3, 1, 16, 16))
+    stored = torch.from_numpy(codes.numpy().astype(np.uint16))
+    assert stored.dtype == torch.uint16
+    assert torch.equal(model.decode(stored), model.decode(codes))
+    with pytest.raises(TypeError, match="integer tensor, got torch.bool"):
+        model.decode(codes > 3)
+
+
 def test_encode_ids_gives_the_same_codes_whatever_the_batch_size(tmp_path):
     """Batch 1 included: encode_ids encodes a lone image as a batch of two copies, since
     PyTorch's CPU convolutions round differently for a single image (see encode_ids)."""

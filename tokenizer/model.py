@@ -201,14 +201,19 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) int64 code indices -> (B, C, H, W) images in [0, 1]."""
-        if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        """(B, h, w) code indices of any integer dtype -> (B, C, H, W) images in [0, 1].
+
+        Token stores keep codes as uint16 (K <= 65,536), so ``torch.from_numpy`` of their
+        arrays is accepted as it is.
+        """
+        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
             raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+        codes = codes.long()  # also what the lookup indexes with; uint16 has few kernels
         k = self.num_embeddings
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
             raise ValueError(f"codes must lie in [0, {k}); got [{int(codes.min())}, "
                              f"{int(codes.max())}]")
-        return self.decoder(self.quantizer.lookup(codes.long())).float()
+        return self.decoder(self.quantizer.lookup(codes)).float()
 
 
 
