@@ -11,7 +11,6 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,7 +19,6 @@ from torch.utils.data import Dataset
 from ..config import DataConfig
 from ..errors import DataError
 
-T = TypeVar("T")
 DEFAULT_DATA_ROOT = Path(os.environ.get("VQTOK_DATA", "~/.cache/vqtok/data")).expanduser()
 
 
