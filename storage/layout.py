@@ -1,12 +1,18 @@
 """Where a sharded store puts things, and the JSON it records about them.
 
-    OUT/tokens/manifest.json                    assembled by finalize()
-    OUT/tokens/<split>/part-00000.parquet       one file per shard and format
-    OUT/tokens/<split>/part-00000.h5
-    OUT/tokens/<split>/_part-00000.done.json    completion record, written last, atomically
+    OUT/tokens/<split>/part-00000.parquet       the Parquet dataset, and nothing else
+    OUT/hdf5/<split>/part-00000.h5              the same shards as HDF5
+    OUT/.vqtok/manifest.json                    assembled by finalize()
+    OUT/.vqtok/done/<split>/part-00000.json     completion record, written last, atomically
 
-Each shard's completion is its own small file so independent workers never rewrite a shared
-file; the leading underscore keeps records out of pyarrow.dataset / Spark folder scans.
+``OUT/tokens`` holds only Parquet files, one folder per split, so pyarrow.dataset,
+``pd.read_parquet``, polars, DuckDB and Hugging Face ``load_dataset`` all open it as one
+dataset (the last with its splits from the folder names). Each shard's completion is its own
+small file so independent workers never rewrite a shared file. Paths in the manifest are
+relative to OUT, so the run folder can be moved.
+
+Stores of layout 1 (manifest.json, ``_part-*.done.json`` records and .h5 files all in
+``OUT/tokens``, paths relative to it) still load; new stores are never written that way.
 """
 
 from __future__ import annotations
@@ -19,10 +25,14 @@ from typing import Any
 from vqtok.storage.errors import TokenStoreError
 
 TOKENS_DIR = "tokens"
+FORMAT_DIRS = {"parquet": TOKENS_DIR, "hdf5": "hdf5"}  # each format its own tree in OUT
+BOOKKEEPING_DIR = ".vqtok"  # in OUT, beside tokens/: readers that list tokens/ never see it
+RECORDS_DIR = "done"  # inside the bookkeeping folder, one folder per split
+STORE_FOLDERS = (*FORMAT_DIRS.values(), BOOKKEEPING_DIR)  # all a store writes in OUT
 MANIFEST_NAME = "manifest.json"
 MANIFEST_KIND = "vqtok-token-manifest"
 RECORD_KIND = "vqtok-shard-record"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 SUFFIXES = {"parquet": ".parquet", "hdf5": ".h5"}  # what the store writes
 FORMATS = tuple(SUFFIXES)
 #: What a token file may be called when read: the written suffixes and their long forms.
@@ -53,22 +63,31 @@ class ShardSpec:
 
 
 def shard_relpath(shard: ShardSpec, fmt: str) -> str:
-    """Manifest paths are POSIX and relative to the tokens folder, so a store can be moved."""
-    return f"{shard.split}/{shard.name}{SUFFIXES[fmt]}"
+    """A shard file's path relative to the run folder: POSIX, so a store can be moved."""
+    return f"{FORMAT_DIRS[fmt]}/{shard.split}/{shard.name}{SUFFIXES[fmt]}"
+
+
+def bookkeeping_dir(root: Path) -> Path:
+    return root / BOOKKEEPING_DIR
+
+
+def manifest_path(root: Path) -> Path:
+    return bookkeeping_dir(root) / MANIFEST_NAME
 
 
 def record_relpath(shard: ShardSpec) -> str:
-    return f"{shard.split}/_{shard.name}.done.json"
+    """A completion record's path inside the bookkeeping folder."""
+    return f"{RECORDS_DIR}/{shard.split}/{shard.name}.json"
 
 
-def resolve(tokens_dir: Path, relpath: str, where: object) -> Path:
-    """A manifest entry as a path inside the store; anything pointing outside is refused."""
+def resolve(base: Path, relpath: str, where: object) -> Path:
+    """A manifest entry as a path inside ``base``; anything pointing outside is refused."""
     pure = PurePosixPath(relpath)
     if pure.is_absolute() or ".." in pure.parts or not pure.parts:
         raise TokenStoreError(
             where, f"path {relpath!r} points outside the token folder; the manifest is corrupt"
         )
-    return tokens_dir.joinpath(*pure.parts)
+    return base.joinpath(*pure.parts)
 
 
 def read_json(path: Path, kind: str) -> dict[str, Any]:
@@ -87,9 +106,28 @@ def read_json(path: Path, kind: str) -> dict[str, Any]:
     return data
 
 
-def find_tokens_dir(path: Path) -> Path | None:
-    """Accept the tokens folder itself or the run folder above it."""
-    for candidate in (path, path / TOKENS_DIR):
-        if (candidate / MANIFEST_NAME).is_file():
-            return candidate
-    return None
+# -- layout 1, read only ---------------------------------------------------------------------
+
+def legacy_manifest_path(tokens_dir: Path) -> Path:
+    return tokens_dir / MANIFEST_NAME
+
+
+def legacy_records(tokens_dir: Path) -> list[Path]:
+    return sorted(tokens_dir.glob("*/_part-*.done.json"))
+
+
+def find_manifest(path: Path) -> Path | None:
+    """The manifest of the store at ``path``: the run folder, or its tokens/ (or hdf5/)
+    folder; layout 2 first, then layout 1."""
+    candidates = [manifest_path(path)]
+    if path.name in FORMAT_DIRS.values():
+        candidates.append(manifest_path(path.parent))
+    candidates += [legacy_manifest_path(path), legacy_manifest_path(path / TOKENS_DIR)]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def has_unfinished_store(path: Path) -> bool:
+    """Shard records without a manifest: an encode that has not finished (either layout)."""
+    roots = [path, path.parent] if path.name in FORMAT_DIRS.values() else [path]
+    return any(any((bookkeeping_dir(r) / RECORDS_DIR).glob("*/*.json")) for r in roots) or any(
+        legacy_records(d) for d in (path, path / TOKENS_DIR))

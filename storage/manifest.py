@@ -11,11 +11,12 @@ from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.grid import TokenGrid
 from vqtok.storage.hdf5 import read_hdf5_grid
 from vqtok.storage.layout import (
+    BOOKKEEPING_DIR,
     FORMATS,
     MANIFEST_KIND,
     MANIFEST_NAME,
-    TOKENS_DIR,
-    find_tokens_dir,
+    find_manifest,
+    has_unfinished_store,
     read_json,
     resolve,
 )
@@ -55,10 +56,13 @@ class Manifest:
     of a KeyError halfway through loading.
     """
 
-    def __init__(self, tokens_dir: Path) -> None:
-        self.tokens_dir = tokens_dir
-        self.path = tokens_dir / MANIFEST_NAME
+    def __init__(self, path: Path) -> None:
+        self.path = path
         data = read_json(self.path, MANIFEST_KIND)
+        # Layout 1 kept the manifest in tokens/ and listed files relative to it; layout 2 keeps
+        # it in OUT/.vqtok/ and lists files relative to OUT.
+        self.layout = int(data.get("version", 1))
+        self.base = path.parent if self.layout < 2 else path.parent.parent
         self.meta = TokenMeta.from_dict(data.get("meta"), where=self.path)
         try:
             self.formats: list[str] = [fmt for fmt in data["formats"] if fmt in FORMATS]
@@ -83,7 +87,7 @@ class Manifest:
     def _file(self, entry: dict[str, Any], shard: dict[str, Any], fmt: str) -> ShardFile:
         listed = shard["files"][fmt]
         return ShardFile(
-            path=resolve(self.tokens_dir, listed["path"], self.path),
+            path=resolve(self.base, listed["path"], self.path),
             sha256=str(listed["sha256"]),
             bytes=int(listed["bytes"]),
             split=str(entry["name"]),
@@ -93,16 +97,16 @@ class Manifest:
     @classmethod
     def find(cls, folder: Path) -> Manifest:
         """The manifest of ``folder`` (a run folder or its tokens/ folder)."""
-        tokens_dir = find_tokens_dir(folder)
-        if tokens_dir is None:
-            started = any(folder.glob("*/_part-*.done.json")) or any(
-                folder.glob(f"{TOKENS_DIR}/*/_part-*.done.json"))
+        path = find_manifest(folder)
+        if path is None:
+            started = has_unfinished_store(folder)
+            where = f"{BOOKKEEPING_DIR}/{MANIFEST_NAME}"
             raise TokenStoreError(folder, (
-                f"no {MANIFEST_NAME} here or in tokens/: the store was not finalized; re-run "
-                "the encode that writes it (finished shards are kept)") if started else (
-                f"no {MANIFEST_NAME} here or in tokens/, so no token store; pass a token "
-                "file or the folder 'encode' wrote"))
-        return cls(tokens_dir)
+                f"the token store was not finalized (no {where}); re-run the encode that "
+                "writes it (finished shards are kept)") if started else (
+                f"no token store here (no {where}); pass a token file or the folder 'encode' "
+                "wrote"))
+        return cls(path)
 
     def pick_format(self, wanted: str | None) -> str:
         if wanted is None:

@@ -23,7 +23,7 @@ def file_format(path: Path) -> str:
     if fmt is None:
         raise TokenStoreError(
             path,
-            "unknown token file type; expected .parquet, .h5/.hdf5 or a folder with manifest.json",
+            "unknown token file type; expected .parquet, .h5/.hdf5 or the folder 'encode' wrote",
         )
     return fmt
 

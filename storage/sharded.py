@@ -12,14 +12,22 @@ from vqtok.files.atomic import is_temp, stale_temps, write_json_atomic
 from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.hdf5 import HDF5TokenWriter
 from vqtok.storage.layout import (
+    BOOKKEEPING_DIR,
     DEFAULT_SHARD_SIZE,
+    FORMAT_DIRS,
     FORMATS,
     LAYOUT_VERSION,
     MANIFEST_KIND,
     MANIFEST_NAME,
     RECORD_KIND,
+    RECORDS_DIR,
+    STORE_FOLDERS,
     TOKENS_DIR,
     ShardSpec,
+    bookkeeping_dir,
+    legacy_manifest_path,
+    legacy_records,
+    manifest_path,
     read_json,
     record_relpath,
     resolve,
@@ -32,7 +40,8 @@ from vqtok.storage.writer import PublishOnSuccess, check_split_name
 
 
 class ShardedTokenStore:
-    """``OUT/tokens/<split>/part-NNNNN.{parquet,h5}`` plus ``manifest.json``.
+    """``OUT/tokens/<split>/part-NNNNN.parquet``, ``OUT/hdf5/<split>/part-NNNNN.h5`` and the
+    bookkeeping in ``OUT/.vqtok/`` (see ``layout``).
 
     A shard is complete once its record exists (written after its files are published), so a
     re-run skips complete shards and rewrites the rest from scratch; since writers lay files
@@ -84,6 +93,7 @@ class ShardedTokenStore:
         An empty split gets no shards but is still listed (with 0 rows) by finalize().
         """
         check_split_name(split, self.tokens_dir)
+        self._refuse_legacy_layout()
         if (
             isinstance(num_rows, bool)
             or not isinstance(num_rows, (int, np.integer))
@@ -107,6 +117,15 @@ class ShardedTokenStore:
         self._plans[split] = shards
         return list(shards)
 
+    def _refuse_legacy_layout(self) -> None:
+        """A layout-1 store here still loads, but new shards must not be mixed into it."""
+        if legacy_manifest_path(self.tokens_dir).is_file() or legacy_records(self.tokens_dir):
+            raise TokenStoreError(
+                self.tokens_dir,
+                "holds a token store of an earlier vqtok layout (it still loads for reading); "
+                "write new tokens to a new output folder",
+            )
+
     def _check_spec(self, shard: ShardSpec) -> None:
         check_split_name(shard.split, self.tokens_dir)
         if (
@@ -124,14 +143,14 @@ class ShardedTokenStore:
     # -- paths ------------------------------------------------------------------------------
 
     def shard_path(self, shard: ShardSpec, fmt: str) -> Path:
-        return resolve(self.tokens_dir, shard_relpath(shard, fmt), self.tokens_dir)
+        return resolve(self.root, shard_relpath(shard, fmt), self.root)
 
     def record_path(self, shard: ShardSpec) -> Path:
-        return resolve(self.tokens_dir, record_relpath(shard), self.tokens_dir)
+        return resolve(bookkeeping_dir(self.root), record_relpath(shard), self.root)
 
     @property
     def manifest_path(self) -> Path:
-        return self.tokens_dir / MANIFEST_NAME
+        return manifest_path(self.root)
 
     # -- completion -------------------------------------------------------------------------
 
@@ -154,7 +173,8 @@ class ShardedTokenStore:
             raise TokenStoreError(
                 path,
                 f"shard was written with different {', '.join(differ)} than this store; "
-                f"write to a new output folder or delete {self.tokens_dir}",
+                f"write to a new output folder or delete the token store in {self.root} "
+                f"({', '.join(name + '/' for name in STORE_FOLDERS)})",
             )
         if (record.get("start"), record.get("stop")) != (shard.start, shard.stop):
             raise TokenStoreError(
@@ -192,10 +212,8 @@ class ShardedTokenStore:
         finished ones: the store then equals an uninterrupted run byte for byte. Records of
         other tokenizers or data are ignored here (resuming onto them is refused later).
         """
-        if not self.tokens_dir.is_dir():
-            return None
         times = []
-        for path in self.tokens_dir.glob("*/_part-*.done.json"):
+        for path in (bookkeeping_dir(self.root) / RECORDS_DIR).glob("*/*.json"):
             try:
                 theirs = TokenMeta.from_dict(read_json(path, RECORD_KIND).get("meta"), where=path)
             except TokenStoreError:
@@ -268,29 +286,35 @@ class ShardedTokenStore:
 
     def _check_folder(self) -> None:
         """Remove our own stale temp files; refuse anything else that is not in the plan."""
-        expected = {MANIFEST_NAME}
-        for split, shards in self._plans.items():
+        bookkeeping = bookkeeping_dir(self.root)
+        expected = {f"{BOOKKEEPING_DIR}/{MANIFEST_NAME}", f"{BOOKKEEPING_DIR}/{RECORDS_DIR}"}
+        for shards in self._plans.values():
             for shard in shards:
-                expected.add(record_relpath(shard))
-                expected.update(shard_relpath(shard, fmt) for fmt in self.formats)
-            if shards:
-                expected.add(split)
+                expected.update(_with_parents(f"{BOOKKEEPING_DIR}/{record_relpath(shard)}"))
+                for fmt in self.formats:
+                    expected.update(_with_parents(shard_relpath(shard, fmt)))
         for temp in stale_temps(self.manifest_path):
             temp.unlink(missing_ok=True)
-        if not self.tokens_dir.is_dir():
-            return
-        for path in sorted(self.tokens_dir.rglob("*")):
-            rel = path.relative_to(self.tokens_dir).as_posix()
-            if rel in expected:
+        for folder in (bookkeeping, *(self.root / name for name in FORMAT_DIRS.values())):
+            if not folder.is_dir():
                 continue
-            if is_temp(path):
-                path.unlink(missing_ok=True)  # a killed or duplicate writer's leftovers
-            elif not path.name.startswith("."):
-                raise TokenStoreError(
-                    path,
-                    "is not part of this plan (left from another run or shard size?); delete it or "
-                    "use a new output folder",
-                )
+            for path in sorted(folder.rglob("*")):
+                if path.relative_to(self.root).as_posix() in expected:
+                    continue
+                if is_temp(path):
+                    path.unlink(missing_ok=True)  # a killed or duplicate writer's leftovers
+                elif not path.name.startswith("."):
+                    raise TokenStoreError(
+                        path,
+                        "is not part of this plan (left from another run or shard size?); delete "
+                        "it or use a new output folder",
+                    )
+
+
+def _with_parents(relpath: str) -> list[str]:
+    """``a/b/c`` and the folders it needs: ``a``, ``a/b``."""
+    parts = relpath.split("/")
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 class ShardWriter(PublishOnSuccess):

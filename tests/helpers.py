@@ -75,6 +75,16 @@ def tree(folder: Path) -> dict[str, bytes]:
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
 
 
+STORE_FOLDERS = ("tokens", "hdf5", ".vqtok")  # what a token store writes in its run folder
+
+
+def store_tree(out: Path) -> dict[str, bytes]:
+    """Every file of the token store in run folder ``out``, by path relative to ``out``."""
+    return {p.relative_to(out).as_posix(): p.read_bytes()
+            for folder in STORE_FOLDERS for p in sorted((Path(out) / folder).rglob("*"))
+            if p.is_file()}
+
+
 def console_command() -> str:
     """The installed ``tokenize-dataset`` script of this environment (what users run)."""
     return str(Path(sys.executable).with_name("tokenize-dataset"))

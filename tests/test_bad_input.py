@@ -26,7 +26,14 @@ from vqtok.tokenizer import save_checkpoint
 from vqtok.tokenizer.checkpoint import build_model
 from vqtok.tokenizer.config import parse_config
 
-from tests.helpers import console_command, fails, make_checkpoint, tiny_raw, write_npz
+from tests.helpers import (
+    console_command,
+    fails,
+    make_checkpoint,
+    store_tree,
+    tiny_raw,
+    write_npz,
+)
 
 
 def write_config(path: Path, raw: dict) -> Path:
@@ -41,10 +48,6 @@ def kit(tmp_path_factory):
     raw = tiny_raw(f"npz:{npz}")
     return {"root": root, "npz": npz, "raw": raw,
             "checkpoint": make_checkpoint(root / "checkpoint", raw)}
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
 
 
 # --- missing or empty paths -------------------------------------------------------------------
@@ -118,10 +121,10 @@ def test_corrupt_image_is_named_and_finished_shards_are_kept(kit, tmp_path):
     assert message.endswith("; fix or remove the file")
     # Sorted, b/8.png is id 11, in the third train shard: the first two are done, the third
     # failed and left nothing (validation, id 9, comes after train and was never started).
-    assert listing(out / "tokens") == [
-        "train", "train/_part-00000.done.json", "train/_part-00001.done.json",
-        "train/part-00000.h5", "train/part-00000.parquet", "train/part-00001.h5",
-        "train/part-00001.parquet"]
+    assert sorted(store_tree(out)) == [
+        ".vqtok/done/train/part-00000.json", ".vqtok/done/train/part-00001.json",
+        "hdf5/train/part-00000.h5", "hdf5/train/part-00001.h5",
+        "tokens/train/part-00000.parquet", "tokens/train/part-00001.parquet"]
     # Read in DataLoader worker processes, the same line names the same file.
     again = fails("encode", "--checkpoint", kit["checkpoint"], "--dataset", f"imagefolder:{root}",
                   "--out", tmp_path / "out-workers", "--shard-size", "4", "--quiet",
@@ -427,10 +430,19 @@ def test_manifest_pointing_outside_the_store_is_refused(kit, tmp_path):
                 "splits": [{"name": "train", "num_rows": 2, "shards": [
                     {"index": 0, "start": 0, "stop": 2, "num_rows": 2, "files": {"parquet": {
                         "path": "../secret.parquet", "sha256": "0" * 64, "bytes": 1}}}]}]}
-    (tokens / "manifest.json").write_text(json.dumps(manifest))
+    (tokens / "manifest.json").write_text(json.dumps(manifest))  # layout 1
     assert fails("stats", "--tokens", tokens, "--out", tmp_path / "s") == (
         f"{tokens}/manifest.json: path '../secret.parquet' points outside the token folder; "
         "the manifest is corrupt")
+    assert not (tmp_path / "s").exists()
+
+    run = tmp_path / "run"  # layout 2: the manifest in OUT/.vqtok, paths relative to OUT
+    (run / "tokens").mkdir(parents=True)
+    (run / ".vqtok").mkdir()
+    (run / ".vqtok" / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    assert fails("stats", "--tokens", run / "tokens", "--out", tmp_path / "s") == (
+        f"{run}/.vqtok/manifest.json: path '../secret.parquet' points outside the token "
+        "folder; the manifest is corrupt")
     assert not (tmp_path / "s").exists()
 
 

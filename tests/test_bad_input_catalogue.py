@@ -269,12 +269,12 @@ CASES = [
          "encoded them",
          setup=_tokens_of_another_tokenizer),
     Case("stats of a folder without tokens", ["stats", "--tokens", "{t}/imgs", "--out", "{out}"],
-         "{t}/imgs: no manifest.json here or in tokens/, so no token store; pass a token file "
-         "or the folder 'encode' wrote", setup=_folder()),
+         "{t}/imgs: no token store here (no .vqtok/manifest.json); pass a token file or the "
+         "folder 'encode' wrote", setup=_folder()),
     Case("decode a text file as tokens",
          ["decode", "--tokens", "{t}/tokens.txt", "--checkpoint", "{checkpoint}",
           "--out", "{out}"], "{t}/tokens.txt: unknown token file type; expected .parquet, "
-         ".h5/.hdf5 or a folder with manifest.json", setup=_file("tokens.txt")),
+         ".h5/.hdf5 or the folder 'encode' wrote", setup=_file("tokens.txt")),
     # --- the prior -------------------------------------------------------------------------
     Case("prior width not divisible by its heads",
          ["prior", "train", "--tokens", "{t}/tokens.parquet", "--out", "{out}", "--d-model",
@@ -309,8 +309,8 @@ def test_bad_input(case: Case, kit, tmp_path):
     paths = {**kit, "t": tmp_path, "out": tmp_path / "out"}
     case.setup(paths)
     if case.out_exists:
-        (paths["out"] / "tokens").mkdir(parents=True)
-        (paths["out"] / "tokens" / "manifest.json").write_text('{"kept": true}')
+        (paths["out"] / ".vqtok").mkdir(parents=True)
+        (paths["out"] / ".vqtok" / "manifest.json").write_text('{"kept": true}')
         (paths["out"] / "notes.txt").write_text("a previous run's files")
     before = tree(paths["out"]) if paths["out"].exists() else None
     fill = {key: str(value) for key, value in paths.items()}

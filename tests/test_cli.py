@@ -76,7 +76,7 @@ def test_run_encode_stats_decode_info_end_to_end(tmp_path, tiny_npz):
     assert result.exit_code == 0, result.output
     for label in ("codebook usage", "perplexity", "PSNR", "tokens/s", "checkpoint", "pictures"):
         assert label in result.output
-    assert (run_dir / "tokens/manifest.json").is_file()
+    assert (run_dir / ".vqtok/manifest.json").is_file()
     assert (run_dir / "stats/usage.png").is_file()
     assert (run_dir / "decode/reconstructions.png").is_file()
 
@@ -86,7 +86,7 @@ def test_run_encode_stats_decode_info_end_to_end(tmp_path, tiny_npz):
                                   "--format", "parquet", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "40 images encoded" in result.output
-    assert not list((other / "tokens").rglob("*.h5"))
+    assert not list(other.rglob("*.h5")) and not (other / "hdf5").exists()
     result = runner.invoke(main, ["stats", "--out", str(other)])
     assert result.exit_code == 0 and "usage" in result.output
     result = runner.invoke(main, ["decode", "--tokens", str(other / "tokens"), "--checkpoint",

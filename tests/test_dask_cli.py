@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import console_command, make_checkpoint, tiny_raw, tree, write_npz
+from tests.helpers import console_command, make_checkpoint, store_tree, tiny_raw, write_npz
 
 pytest.importorskip("prefect_dask")
 
@@ -69,7 +69,7 @@ def error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def tokens(folder: Path) -> dict[str, bytes]:
-    return tree(folder / "tokens")
+    return store_tree(folder)
 
 
 def test_a_local_cluster_from_another_folder_writes_what_one_process_writes(job):

@@ -70,7 +70,7 @@ def test_two_dask_workers_write_the_same_tokens_as_one_process(tmp_path, monkeyp
     assert len(parquet) == 4
     for rel in parquet:
         assert (tmp_path / "single" / rel).read_bytes() == (tmp_path / "dask" / rel).read_bytes()
-    manifest = [json.loads((tmp_path / d / "tokens/manifest.json").read_text())
+    manifest = [json.loads((tmp_path / d / ".vqtok/manifest.json").read_text())
                 for d in ("single", "dask")]
     assert manifest[0] == manifest[1]
 

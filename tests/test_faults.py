@@ -29,7 +29,7 @@ from vqtok.tokenizer.config import parse_config
 
 from tests.conftest import TINY
 from tests.fault_runner import FaultRunner
-from tests.helpers import tree, write_npz
+from tests.helpers import STORE_FOLDERS, store_tree, write_npz
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -76,8 +76,8 @@ class StoreWatcher:
     Runs in a thread beside the test's kill loop, so reading files never delays a kill.
     """
 
-    def __init__(self, tokens: Path) -> None:
-        self.tokens = tokens
+    def __init__(self, out: Path) -> None:
+        self.out = out
         self.seen: dict[Path, tuple[int, int, int]] = {}
         self.checked = 0
         self.problems: list[str] = []
@@ -96,9 +96,8 @@ class StoreWatcher:
         self.scan()
 
     def scan(self) -> None:
-        if not self.tokens.is_dir():
-            return
-        for path in sorted(self.tokens.rglob("*")):
+        paths = [p for folder in STORE_FOLDERS for p in sorted((self.out / folder).rglob("*"))]
+        for path in paths:
             if path.name.startswith(".") or path.is_dir():
                 continue  # hidden temp files are where partial content is allowed to live
             try:
@@ -110,7 +109,7 @@ class StoreWatcher:
             except FileNotFoundError:
                 continue  # removed between listing and reading (a record being redone)
             except Exception as exc:  # noqa: BLE001 - every problem is reported at the end
-                self.problems.append(f"{path.relative_to(self.tokens)}: {exc!r}")
+                self.problems.append(f"{path.relative_to(self.out)}: {exc!r}")
             self.seen[path] = key
             self.checked += 1
 
@@ -123,9 +122,9 @@ class StoreWatcher:
                 assert "vqtok.meta" in f.attrs
         elif path.suffix == ".json":
             data = json.loads(path.read_text())  # a torn JSON file raises here
-            if path.name.startswith("_part-"):
+            if data.get("kind") == "vqtok-shard-record":
                 for entry in data["files"].values():  # shard content is deterministic
-                    file = self.tokens / entry["path"]
+                    file = self.out / entry["path"]
                     digest = hashlib.sha256(file.read_bytes()).hexdigest()
                     assert digest == entry["sha256"], "record vouches for a different file"
         else:
@@ -136,8 +135,8 @@ def temps(folder: Path) -> list[Path]:
     return sorted(folder.rglob(".*.tmp")) if folder.is_dir() else []
 
 
-def records(tokens: Path) -> int:
-    return len(list(tokens.glob("*/_part-*.done.json"))) if tokens.is_dir() else 0
+def records(out: Path) -> int:
+    return len(list((out / ".vqtok" / "done").glob("*/*.json")))
 
 
 def run_until(runner, argv, logs, pause=None, signum=signal.SIGKILL):
@@ -171,14 +170,13 @@ def test_encode_killed_at_random_points_ends_identical_to_an_uninterrupted_run(
     assert run_until(runner, encode_argv(tiny, reference), tmp_path / "ref") == 0
 
     out = tmp_path / "run"
-    tokens = out / "tokens"
-    watcher = StoreWatcher(tokens)
+    watcher = StoreWatcher(out)
     rng = random.Random(SEED)
     plan = ["startup", "records", "records", "mid-write", "mid-write", "records", "ctrl-c"]
     rng.shuffle(plan)
     outcomes = []
     for i, mode in enumerate(plan):
-        before = records(tokens)
+        before = records(out)
         if mode == "startup":  # Prefect is up, the store planned, no shard started
             pause = "encode-started:1"
         elif mode == "mid-write":  # a shard's writer holds only its temp file
@@ -187,14 +185,14 @@ def test_encode_killed_at_random_points_ends_identical_to_an_uninterrupted_run(
             pause = f"encode-shard-published:{rng.randint(1, 3)}"
         signum = signal.SIGINT if mode == "ctrl-c" else signal.SIGKILL
         code = run_until(runner, encode_argv(tiny, out), tmp_path / f"run{i}", pause, signum)
-        outcomes.append((mode, code, records(tokens)))
+        outcomes.append((mode, code, records(out)))
         assert code == (130 if mode == "ctrl-c" else -signal.SIGKILL), outcomes
         if mode == "ctrl-c":
             err = (tmp_path / f"run{i}.err").read_text().strip().splitlines()
             assert err[-1].startswith("error: interrupted; re-run the same command"), err[-3:]
         if mode in ("records", "ctrl-c"):
-            assert records(tokens) == before + int(pause.rsplit(":", 1)[1]), outcomes
-        assert records(tokens) < 20, outcomes  # every interruption left work to do
+            assert records(out) == before + int(pause.rsplit(":", 1)[1]), outcomes
+        assert records(out) < 20, outcomes  # every interruption left work to do
     print("interruptions (mode, exit code, finished shards):", outcomes)
 
     code = run_until(runner, encode_argv(tiny, out), tmp_path / "final")
@@ -204,10 +202,10 @@ def test_encode_killed_at_random_points_ends_identical_to_an_uninterrupted_run(
     assert temps(out) == []
     assert watcher.checked >= 40  # shards, records and the manifest were all read mid-run
     # Row for row and code for code, and in fact byte for byte (same SOURCE_DATE_EPOCH).
-    mine, theirs = load_grid(tokens), load_grid(reference / "tokens")
+    mine, theirs = load_grid(out / "tokens"), load_grid(reference / "tokens")
     assert np.array_equal(mine.ids, theirs.ids) and np.array_equal(mine.codes, theirs.codes)
     assert np.array_equal(mine.labels, theirs.labels)
-    assert tree(tokens) == tree(reference / "tokens")
+    assert store_tree(out) == store_tree(reference)
 
 
 def _train_step(checkpoint: Path) -> int:

@@ -251,7 +251,7 @@ def test_encode_refuses_an_unhealthy_checkpoint_unless_forced(tmp_path, tiny_con
     forced = subprocess.run([*command, "--force"], cwd=outside, env=env, capture_output=True,
                             text=True, timeout=300)
     assert forced.returncode == 0, forced.stderr
-    assert (tmp_path / "enc/tokens/manifest.json").is_file()
+    assert (tmp_path / "enc/.vqtok/manifest.json").is_file()
 
 
 # --- checkpoints from before ------------------------------------------------------------------

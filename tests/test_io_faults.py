@@ -23,7 +23,7 @@ from vqtok.flows.cli import main
 from vqtok.storage import load_grid
 from vqtok.tokenizer import load_tokenizer
 
-from tests.helpers import fails, make_checkpoint, tiny_raw, tree, write_npz
+from tests.helpers import fails, make_checkpoint, store_tree, tiny_raw, write_npz
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -77,14 +77,14 @@ def test_disk_full_mid_encode_leaves_only_whole_shards_and_a_rerun_completes(
     assert calls["raised"] == 3  # the first try and both retries
     # Shard 0 is whole; shard 1's Parquet file, published before its HDF5 file failed, was
     # taken back; no temp file is left.
-    assert sorted(p.relative_to(out / "tokens").as_posix() for p in (out / "tokens").rglob("*")) \
-        == ["train", "train/_part-00000.done.json", "train/part-00000.h5",
-            "train/part-00000.parquet"]
+    assert sorted(store_tree(out)) == [".vqtok/done/train/part-00000.json",
+                                       "hdf5/train/part-00000.h5",
+                                       "tokens/train/part-00000.parquet"]
 
     monkeypatch.setattr(vqtok.files.atomic, "fsync_path", calls["real"])  # space freed
     result = encode(kit, out)
     assert "1 of 4 shards already done" in result.output
-    assert tree(out / "tokens") == tree(tmp_path / "reference" / "tokens")
+    assert store_tree(out) == store_tree(tmp_path / "reference")
 
 
 def test_a_transient_io_error_is_retried_and_the_result_is_identical(kit, tmp_path, monkeypatch):
@@ -93,7 +93,7 @@ def test_a_transient_io_error_is_retried_and_the_result_is_identical(kit, tmp_pa
     out = tmp_path / "run"
     encode(kit, out)
     assert calls["raised"] == 1 and calls["n"] > 12  # 4 shards x 3 files + manifest + retry
-    assert tree(out / "tokens") == tree(tmp_path / "reference" / "tokens")
+    assert store_tree(out) == store_tree(tmp_path / "reference")
     assert np.array_equal(load_grid(out).codes, load_grid(tmp_path / "reference").codes)
 
 
@@ -137,8 +137,8 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(kit, tmp_pa
 def test_rerun_with_another_shard_size_or_checkpoint_is_refused_untouched(kit, tmp_path):
     out = tmp_path / "run"
     encode(kit, out)
-    before = tree(out / "tokens")
-    record = out / "tokens/train/_part-00000.done.json"
+    before = store_tree(out)
+    record = out / ".vqtok/done/train/part-00000.json"
     assert fails("encode", "--checkpoint", kit["checkpoint"], "--out", out, "--shard-size",
                  "10", "--quiet") == (
         f"{record}: shard covers rows [0, 16) but this plan needs [0, 10); the shard size "
@@ -147,8 +147,8 @@ def test_rerun_with_another_shard_size_or_checkpoint_is_refused_untouched(kit, t
     assert fails("encode", "--checkpoint", other, "--out", out, "--shard-size", "16",
                  "--quiet") == (
         f"{record}: shard was written with different checkpoint_hash than this store; write "
-        f"to a new output folder or delete {out}/tokens")
-    assert tree(out / "tokens") == before
+        f"to a new output folder or delete the token store in {out} (tokens/, hdf5/, .vqtok/)")
+    assert store_tree(out) == before
 
 
 def test_split_names_from_a_dataset_never_leave_the_output_folder(kit, tmp_path, monkeypatch):
@@ -178,25 +178,27 @@ def test_resumed_store_keeps_the_first_runs_creation_time(kit, tmp_path, monkeyp
     out = tmp_path / "run"
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1000000000")
     encode(kit, out)
-    first = tree(out / "tokens")
-    for path in (out / "tokens/train").glob("*part-00002*"):
+    first = store_tree(out)
+    for path in out.glob("*/train/part-00002.*"):
         path.unlink()  # as if the run had been killed before this shard
+    (out / ".vqtok/done/train/part-00002.json").unlink()
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "2000000000")  # a later day
     encode(kit, out)
-    assert tree(out / "tokens") == first  # the redone shard says 2001-09-09 too
-    meta = json.loads((out / "tokens/manifest.json").read_text())["meta"]
+    assert store_tree(out) == first  # the redone shard says 2001-09-09 too
+    meta = json.loads((out / ".vqtok/manifest.json").read_text())["meta"]
     assert meta["created_at"] == "2001-09-09T01:46:40+00:00"
 
-    shutil.rmtree(out / "tokens")
+    for folder in ("tokens", "hdf5", ".vqtok"):
+        shutil.rmtree(out / folder)
     encode(kit, out)  # a fresh store gets the new time
-    assert json.loads((out / "tokens/manifest.json").read_text())["meta"]["created_at"] == (
+    assert json.loads((out / ".vqtok/manifest.json").read_text())["meta"]["created_at"] == (
         "2033-05-18T03:33:20+00:00")
 
 
 def test_same_checkpoint_data_and_batch_size_give_byte_identical_stores(kit, tmp_path):
     encode(kit, tmp_path / "a", "--batch-size", "5")
     encode(kit, tmp_path / "b", "--batch-size", "5")
-    a, b = tree(tmp_path / "a" / "tokens"), tree(tmp_path / "b" / "tokens")
+    a, b = store_tree(tmp_path / "a"), store_tree(tmp_path / "b")
     assert a == b and len(a) == 4 * 3 + 1  # 4 shards x (Parquet, HDF5, record) + manifest
     grid = load_grid(tmp_path / "a")
     model = load_tokenizer(kit["checkpoint"])

@@ -79,7 +79,7 @@ def test_export_of_one_split(sharded, tmp_path):
 
 
 def test_failed_export_leaves_nothing(sharded, tmp_path):
-    shard = sharded / "tokens" / "test" / "part-00000.h5"
+    shard = sharded / "hdf5" / "test" / "part-00000.h5"
     shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
     out = tmp_path / "x" / "tokens.npy"
     with pytest.raises(TokenStoreError, match="does not match"):

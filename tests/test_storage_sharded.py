@@ -75,10 +75,12 @@ def run_all(root, meta=None, shard_size=5, **options):
 
 
 def tree(root):
-    base = Path(root) / "tokens"
+    """Every file the store wrote (tokens/, hdf5/, .vqtok/), by path relative to the run
+    folder."""
     return {
-        p.relative_to(base).as_posix(): p.read_bytes()
-        for p in sorted(base.rglob("*"))
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for folder in ("tokens", "hdf5", ".vqtok")
+        for p in sorted((Path(root) / folder).rglob("*"))
         if p.is_file()
     }
 
@@ -100,15 +102,18 @@ def test_plan_covers_rows_in_shard_size_steps(tmp_path):
 def test_layout_and_manifest(tmp_path):
     run_all(tmp_path)
     files = set(tree(tmp_path))
-    assert "manifest.json" in files
+    assert ".vqtok/manifest.json" in files
     assert {
-        "train/part-00004.parquet",
-        "train/part-00004.h5",
-        "train/_part-00004.done.json",
-        "test/part-00001.parquet",
+        "tokens/train/part-00004.parquet",
+        "hdf5/train/part-00004.h5",
+        ".vqtok/done/train/part-00004.json",
+        "tokens/test/part-00001.parquet",
     } <= files
-    assert "train/part-00005.parquet" not in files
-    manifest = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
+    assert "tokens/train/part-00005.parquet" not in files
+    # tokens/ holds Parquet files and nothing else, so every reader can open it.
+    in_tokens = {f for f in files if f.startswith("tokens/")}
+    assert in_tokens and all(f.endswith(".parquet") for f in in_tokens)
+    manifest = json.loads((tmp_path / ".vqtok" / "manifest.json").read_text())
     assert manifest["num_rows"] == 32
     assert TokenMeta.from_dict(manifest["meta"]) == make_meta()
     train, test, val = manifest["splits"]
@@ -118,7 +123,8 @@ def test_layout_and_manifest(tmp_path):
     assert (last["start"], last["stop"], last["num_rows"]) == (20, 23, 3)
     parquet = last["files"]["parquet"]
     assert len(parquet["sha256"]) == 64
-    assert parquet["bytes"] == (tmp_path / "tokens" / parquet["path"]).stat().st_size
+    assert parquet["path"] == "tokens/train/part-00004.parquet"
+    assert parquet["bytes"] == (tmp_path / parquet["path"]).stat().st_size
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "hdf5"])
@@ -205,7 +211,8 @@ def test_resume_after_a_killed_worker(tmp_path):
         [sys.executable, "-c", KILLED_SHARD, str(root), CREATED], env=env, timeout=120
     )
     assert result.returncode == -signal.SIGKILL
-    leftovers = sorted(p.name for p in (root / "tokens" / "train").iterdir())
+    leftovers = sorted(p.name for folder in ("tokens", "hdf5")
+                       for p in (root / folder / "train").iterdir())
     assert len(leftovers) == 2 and all(name.startswith(".part-00001.") for name in leftovers)
     run_all(root, shard_size=5, parquet_options=None, hdf5_options=None)
     assert tree(root) == tree(reference.root)
@@ -235,7 +242,7 @@ def test_corrupt_shard_fails_the_hash_check_naming_the_file(tmp_path):
     assert load_grid(tmp_path, split="test").num_rows == 9  # other shards still verify
     assert load_grid(tmp_path, format="hdf5").num_rows == 32
 
-    short = tmp_path / "tokens" / "test" / "part-00000.h5"
+    short = tmp_path / "hdf5" / "test" / "part-00000.h5"
     short.write_bytes(short.read_bytes()[:-10])
     with pytest.raises(TokenStoreError, match="bytes but manifest.json records") as info:
         load_grid(tmp_path, format="hdf5", split="test")
@@ -303,7 +310,7 @@ def test_finalize_refuses_stray_files_and_empty_plans(tmp_path):
 
 def test_parquet_only_store(tmp_path):
     run_all(tmp_path, formats=("parquet",), parquet_options={"row_group_size": 2})
-    assert not list((tmp_path / "tokens").rglob("*.h5"))
+    assert not list(tmp_path.rglob("*.h5")) and not (tmp_path / "hdf5").exists()
     assert load_grid(tmp_path).num_rows == 32
     with pytest.raises(TokenStoreError, match="no hdf5 files"):
         load_grid(tmp_path, format="hdf5")
@@ -311,7 +318,7 @@ def test_parquet_only_store(tmp_path):
 
 def test_damaged_manifest_is_refused(tmp_path):
     run_all(tmp_path)
-    manifest = tmp_path / "tokens" / "manifest.json"
+    manifest = tmp_path / ".vqtok" / "manifest.json"
     original = json.loads(manifest.read_text())
 
     damaged = json.loads(json.dumps(original))

@@ -159,12 +159,19 @@ def test_unknown_extension_and_missing_files(tmp_path):
         load_grid(tmp_path / "t.csv")
     with pytest.raises(TokenStoreError, match="no such file"):
         load_grid(tmp_path / "missing.parquet")
-    with pytest.raises(TokenStoreError, match="so no token store; pass a token file"):
+    with pytest.raises(TokenStoreError, match=r"no token store here \(no .vqtok/manifest.json\)"):
         load_grid(tmp_path)  # a folder that never held a store
-    (tmp_path / "tokens" / "train").mkdir(parents=True)
-    (tmp_path / "tokens" / "train" / "_part-00000.done.json").write_text("{}")
-    with pytest.raises(TokenStoreError, match="the store was not finalized; re-run the encode"):
-        load_grid(tmp_path)  # an encode that stopped before publishing its manifest
+    (tmp_path / ".vqtok" / "done" / "train").mkdir(parents=True)
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / ".vqtok" / "done" / "train" / "part-00000.json").write_text("{}")
+    for folder in (tmp_path, tmp_path / "tokens"):  # an encode that stopped before finalize
+        with pytest.raises(TokenStoreError, match="the token store was not finalized"):
+            load_grid(folder)
+    legacy = tmp_path / "legacy"  # the same, as layout 1 left it
+    (legacy / "tokens" / "train").mkdir(parents=True)
+    (legacy / "tokens" / "train" / "_part-00000.done.json").write_text("{}")
+    with pytest.raises(TokenStoreError, match="the token store was not finalized"):
+        load_grid(legacy)
 
 
 def test_token_grid_select_of_an_absent_split_is_empty():
