@@ -46,7 +46,8 @@ def _options(*specs: Callable[..., Any]) -> Callable[..., Any]:
 CONFIG = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                       help="YAML config (see configs/); defaults to the bundled sample's.")
 DATASET = click.option("--dataset", help="mnist-sample, mnist, fashion-mnist, cifar10, "
-                       "imagefolder:PATH or npz:PATH.")
+                       "imagefolder:PATH, npz:PATH, webdataset:PATTERN (tar shards, "
+                       "'shard-{000..009}.tar': quote it) or parquet:PATH (image Parquet).")
 DATA_ROOT = click.option("--data-root", type=click.Path(file_okay=False),
                          help="Folder holding (or receiving) torchvision dataset files.")
 DEVICE = click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")

@@ -17,6 +17,7 @@ from vqtok.tokenizer import VQVAE, __version__, load_tokenizer
 from vqtok.tokenizer.checkpoint import read_checkpoint_meta, stored_config
 from vqtok.tokenizer.config import Config, ConfigError, DataConfig
 from vqtok.tokenizer.sources import ImageSource, open_source
+from vqtok.tokenizer.sources.shards import match_files
 from vqtok.tokenizer.training import resolve_device
 
 
@@ -64,11 +65,14 @@ def _cached_source(key: str, stamp: str) -> ImageSource:
 
 
 def _stamp(data: DataConfig) -> str:
-    """Changes when an .npz file changes, or files are added to, removed from or renamed in
-    an image folder, so a long-lived process (a notebook, the test suite) does not encode a
-    stale listing. Cheap: one stat, or one stat per folder (an image rewritten in place under
-    the same name goes unnoticed until the process restarts)."""
+    """Changes when an .npz file changes, files are added to, removed from or renamed in an
+    image folder, or a tar shard or Parquet file is added, removed or rewritten, so a
+    long-lived process (a notebook, the test suite) does not encode a stale listing. Cheap:
+    one stat per file or per folder (an image rewritten in place under the same name in an
+    image folder goes unnoticed until the process restarts)."""
     kind, _, where = data.dataset.partition(":")
+    if kind in ("webdataset", "parquet") and where:
+        return _files_stamp(where)
     if kind not in ("npz", "imagefolder") or not where:
         return ""  # named datasets: fixed files under data_root
     root = Path(where).expanduser()
@@ -81,6 +85,16 @@ def _stamp(data: DataConfig) -> str:
     except OSError:
         return "missing"  # open_source says what is wrong
     return "|".join(parts)
+
+
+def _files_stamp(spec: str) -> str:
+    folder = Path(spec).expanduser()
+    try:
+        files = sorted(folder.rglob("*.parquet")) if folder.is_dir() else match_files(spec)
+        return "|".join(f"{p}:{st.st_size}:{st.st_mtime_ns}" for p in files
+                        for st in [p.stat()])
+    except OSError:
+        return "missing"  # open_source says what is wrong
 
 
 def cached_source(data: DataConfig) -> ImageSource:

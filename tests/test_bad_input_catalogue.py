@@ -131,7 +131,7 @@ def _tokens_of_another_tokenizer(paths: dict[str, Path]) -> None:
 ENCODE = ["encode", "--checkpoint", "{checkpoint}", "--out", "{out}"]
 NPZ_T = "{t}/bad.npz"
 UNKNOWN_DATASET = ("unknown dataset 'minst'; use one of mnist-sample, mnist, fashion-mnist, "
-                   "cifar10, imagefolder:PATH, npz:PATH")
+                   "cifar10, imagefolder:PATH, npz:PATH, webdataset:PATTERN, parquet:PATH")
 
 CASES = [
     # --- datasets --------------------------------------------------------------------------

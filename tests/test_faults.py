@@ -208,6 +208,49 @@ def test_encode_killed_at_random_points_ends_identical_to_an_uninterrupted_run(
     assert store_tree(out) == store_tree(reference)
 
 
+def write_tar_shards(npz: Path, folder: Path, shards: int) -> str:
+    """The npz's images as WebDataset shards of PNGs (``NNNNNN.png`` + ``.cls``)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    with np.load(npz) as archive:
+        images, labels = archive["images"][:, 0], archive["labels"]
+    per = -(-len(images) // shards)
+    for shard in range(shards):
+        with tarfile.open(folder / f"shard-{shard}.tar", "w") as tar:
+            for i in range(shard * per, min((shard + 1) * per, len(images))):
+                png = io.BytesIO()
+                Image.fromarray(images[i]).save(png, format="PNG")
+                for ext, payload in (("png", png.getvalue()), ("cls", b"%d" % labels[i])):
+                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return f"webdataset:{folder}/shard-{{0..{shards - 1}}}.tar"
+
+
+def test_encode_of_tar_shards_killed_twice_ends_identical(runner, tiny, tmp_path):
+    dataset = write_tar_shards(tiny["root"] / "images.npz", tmp_path / "shards", 3)
+
+    def argv(out):
+        return [*encode_argv(tiny, out), "--dataset", dataset]
+
+    reference = tmp_path / "reference"
+    assert run_until(runner, argv(reference), tmp_path / "ref") == 0
+    out = tmp_path / "run"
+    for i, pause in enumerate(("encode-batch-written:7", "encode-shard-published:2")):
+        code = run_until(runner, argv(out), tmp_path / f"run{i}", pause)
+        assert code == -signal.SIGKILL
+    assert 0 < records(out) < 20
+    assert run_until(runner, argv(out), tmp_path / "final") == 0
+    assert temps(out) == []
+    assert store_tree(out) == store_tree(reference)
+    grid = load_grid(out)
+    assert grid.num_rows == IMAGES and grid.meta.dataset == dataset
+
+
 def _train_step(checkpoint: Path) -> int:
     try:
         return int(json.loads((checkpoint / "train_state.json").read_text())["step"])

@@ -29,6 +29,12 @@ class DataConfig(_Strict):
     resize: Literal["resize", "error"] = "resize"
     train_split: str = "train"
     val_split: str = "validation"
+    # webdataset: image member's extension (None: jpg, jpeg, png, webp); parquet: column ("image")
+    image_key: str | None = None
+    # webdataset: label extension or json.FIELD (None: "cls"); parquet: column (None: "label")
+    label_key: str | None = None
+    # "rule": every tenth id is validation; "file": a shard's split from its path (train-0.tar)
+    split_by: Literal["rule", "file"] = "rule"
 
 
 class ModelConfig(_Strict):

@@ -3,6 +3,8 @@ its own, and which split figures are measured on."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 VALIDATION_EVERY = 10  # one image in ten (id % 10 == 9) is validation
@@ -25,4 +27,22 @@ def heldout_split(split_names: object, preferred: str | None = None,
     for name in (preferred, *HELDOUT_SPLITS):
         if name is not None and name in names and name != exclude:
             return name
+    return None
+
+
+#: Words that name a split in a shard's or file's path (``data.split_by: file``).
+SPLIT_WORDS = {"train": "train", "training": "train",
+               "validation": "validation", "valid": "validation", "val": "validation",
+               "dev": "validation",
+               "test": "test", "testing": "test", "eval": "test"}
+SPLIT_ORDER = ("train", "validation", "test")
+
+
+def split_from_path(relative: str) -> str | None:
+    """The split a file's path names: its first folder or file-name token (split on
+    ``- _ . /``) that is a split word, case ignored (``train-000.tar``, ``val/part-3.tar``,
+    ``data/test-00000-of-00002.parquet``); None if no token is one."""
+    for token in re.split(r"[-_./\\]", relative.lower()):
+        if token in SPLIT_WORDS:
+            return SPLIT_WORDS[token]
     return None

@@ -3,7 +3,6 @@ workers when asked); class subfolders become labels."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +12,9 @@ import torch
 from ..config import DataConfig
 from ..errors import DataError
 from ..splits import holdout_splits
-from .base import ImageSource, _conform
+from .base import ImageSource
+from .decoding import read_image
+from .shards import files_fingerprint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -49,27 +50,10 @@ class ImageFolderSource(ImageSource):
         self.name = f"imagefolder:{root}"
         self.channels, self.image_size = cfg.channels, cfg.image_size
         self.splits = holdout_splits(len(files))
-        h = hashlib.sha256()
-        for p in files:
-            st = p.stat()
-            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        self.fingerprint = h.hexdigest()
-
-    def _read(self, path: Path) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-
-        mode = "L" if self.cfg.channels == 1 else "RGB"
-        try:
-            with Image.open(path) as img:
-                img = img.convert(mode)
-                array = np.asarray(img, dtype=np.uint8)
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-            raise DataError(f"{path}: cannot read image ({exc}); fix or remove the file") from None
-        tensor = torch.from_numpy(array.copy())
-        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-        return _conform(tensor[None], self.cfg, str(path))[0]
+        self.fingerprint = files_fingerprint(files, root)
 
     def load_batch(self, ids: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ids = np.asarray(ids, dtype=np.int64)
-        images = torch.stack([self._read(self.files[i]) for i in ids]).float().div_(255)
+        images = torch.stack([read_image(self.files[i], self.cfg, str(self.files[i]))
+                              for i in ids]).float().div_(255)
         return images, torch.from_numpy(self.labels[ids])

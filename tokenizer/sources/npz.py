@@ -12,29 +12,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..splits import holdout_splits
 from .base import ArraySource, _sha256_files
-
-LABEL_MAX = 2**31 - 1  # token stores keep labels as int32; -1 means "no label"
-
-
-def _class_ids(labels: np.ndarray, path: Path) -> np.ndarray:
-    """Labels as int64 class ids, or a DataError naming the file and the first bad entry
-    (strings, NaN, fractions and ids out of -1..2**31-1 would fail later, far from here)."""
-    if labels.dtype.kind == "f":
-        bad = ~np.isfinite(labels) | (labels != np.round(labels))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{path}: 'labels' must be whole class ids; entry {i} is "
-                            f"{labels[i]!r}; store -1 for an image without a label")
-    elif labels.dtype.kind not in "iub":
-        raise DataError(f"{path}: 'labels' must be integer class ids, got dtype {labels.dtype};"
-                        " map class names to 0, 1, 2, ... before saving")
-    ids = labels.astype(np.int64)
-    bad = (ids < -1) | (ids > LABEL_MAX)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: 'labels' entry {i} is {ids[i]}; class ids must be 0 to "
-                        f"{LABEL_MAX} (-1 for no label)")
-    return ids
+from .labels import class_ids
 
 
 def npz_source(path: Path, cfg: DataConfig) -> ArraySource:
@@ -71,7 +49,7 @@ def npz_source(path: Path, cfg: DataConfig) -> ArraySource:
     elif labels.shape != (n,):
         raise DataError(f"{path}: 'labels' has shape {labels.shape}, expected ({n},)")
     else:
-        labels = _class_ids(labels, path)
+        labels = class_ids(labels, str(path))
     return ArraySource(
         torch.from_numpy(np.ascontiguousarray(images)),
         torch.from_numpy(labels.astype(np.int64)),
