@@ -1,10 +1,16 @@
 """Encoded image files (PNG, JPEG, WebP) to uint8 tensors, for every source that keeps
 images as files or bytes: one decoder, so a folder, a tar shard and a Parquet column give the
-same pixels for the same file."""
+same pixels for the same file.
+
+Decoding is the hot loop of those sources (DataLoader workers spend their time here), so an
+image already in the wanted mode is not converted, and a batch whose images already have the
+configured size is stacked once instead of being conformed image by image.
+"""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,29 +30,41 @@ def decode_errors() -> tuple[type[BaseException], ...]:
             SyntaxError)
 
 
-def pil_decode(data: bytes | Path, channels: int) -> torch.Tensor:
-    """uint8 (C, H, W) with C = ``channels`` (1: "L", else "RGB"), as stored (no resizing);
-    raises one of ``decode_errors()`` for a file that is not an image."""
+def pil_array(data: bytes | Path, channels: int) -> np.ndarray:
+    """uint8 (H, W) for ``channels`` 1 ("L"), else (H, W, 3) ("RGB"), as stored (no
+    resizing); raises one of ``decode_errors()`` for a file that is not an image."""
     from PIL import Image, UnidentifiedImageError
 
     mode = "L" if channels == 1 else "RGB"
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            array = np.asarray(img.convert(mode), dtype=np.uint8)
+            return np.asarray(img if img.mode == mode else img.convert(mode), dtype=np.uint8)
     except UnidentifiedImageError:
         if isinstance(data, bytes):  # PIL would name the buffer: <_io.BytesIO at 0x7f...>
             raise UnidentifiedImageError("cannot identify image file") from None
         raise
-    tensor = torch.from_numpy(array.copy())
-    return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
-def read_image(data: bytes | Path, cfg: DataConfig, where: str,
-               remedy: str = "fix or remove the file") -> torch.Tensor:
-    """uint8 (C, H, W) at the configured channels and size, or one DataError line:
-    ``WHERE: cannot read image (why); REMEDY``."""
+def read_array(data: bytes | Path, cfg: DataConfig, where: str,
+               remedy: str = "fix or remove the file") -> np.ndarray:
+    """``pil_array``, or one DataError line: ``WHERE: cannot read image (why); REMEDY``."""
     try:
-        tensor = pil_decode(data, cfg.channels)
+        return pil_array(data, cfg.channels)
     except decode_errors() as exc:
         raise DataError(f"{where}: cannot read image ({exc}); {remedy}") from None
-    return _conform(tensor[None], cfg, where)[0]
+
+
+def to_batch(arrays: Sequence[np.ndarray], cfg: DataConfig,
+             wheres: Sequence[str]) -> torch.Tensor:
+    """Decoded images as one uint8 (B, C, H, W) tensor at the configured size (``wheres``
+    name them in resize errors)."""
+    size = (cfg.image_size, cfg.image_size)
+    if arrays and all(a.shape[:2] == size for a in arrays):
+        batch = torch.from_numpy(np.stack(arrays))
+        return batch[:, None] if batch.ndim == 3 else batch.permute(0, 3, 1, 2).contiguous()
+    out = []
+    for array, where in zip(arrays, wheres, strict=True):
+        tensor = torch.from_numpy(np.array(array))
+        tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+        out.append(_conform(tensor[None], cfg, where)[0])
+    return torch.stack(out)

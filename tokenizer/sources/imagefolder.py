@@ -13,7 +13,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..splits import holdout_splits
 from .base import ImageSource
-from .decoding import read_image
+from .decoding import read_array, to_batch
 from .shards import files_fingerprint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -54,6 +54,8 @@ class ImageFolderSource(ImageSource):
 
     def load_batch(self, ids: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ids = np.asarray(ids, dtype=np.int64)
-        images = torch.stack([read_image(self.files[i], self.cfg, str(self.files[i]))
-                              for i in ids]).float().div_(255)
+        wheres = [str(self.files[i]) for i in ids]
+        arrays = [read_array(self.files[i], self.cfg, where) for i, where in zip(ids, wheres,
+                                                                                 strict=True)]
+        images = to_batch(arrays, self.cfg, wheres).float().div_(255)
         return images, torch.from_numpy(self.labels[ids])

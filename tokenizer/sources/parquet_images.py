@@ -19,7 +19,7 @@ import torch
 from ..config import DataConfig
 from ..errors import DataError
 from .base import ImageSource
-from .decoding import read_image
+from .decoding import read_array, to_batch
 from .handles import ProcessCache
 from .labels import class_ids
 from .shards import common_parent, files_fingerprint, make_splits, match_files, settings_key
@@ -147,9 +147,10 @@ class ParquetImageSource(ImageSource):
         ids = np.asarray(ids, dtype=np.int64)
         groups = np.searchsorted(self._group_starts, ids, side="right") - 1
         images = [self._image(int(g), int(i)) for g, i in zip(groups, ids, strict=True)]
-        return torch.stack(images).float().div_(255), torch.from_numpy(self.labels[ids])
+        batch = to_batch([a for a, _ in images], self.cfg, [w for _, w in images])
+        return batch.float().div_(255), torch.from_numpy(self.labels[ids])
 
-    def _image(self, group: int, i: int) -> torch.Tensor:
+    def _image(self, group: int, i: int) -> tuple[np.ndarray, str]:
         images, paths = self._groups.get(group, lambda: self._read_group(group))
         file = int(self._group_file[group])
         path, row = self.files[file], i - int(self._file_starts[file])
@@ -159,7 +160,7 @@ class ParquetImageSource(ImageSource):
             named = paths[i - int(self._group_starts[group])].as_py() if paths else None
             hint = f" (it names {named!r} but holds no bytes)" if named else ""
             raise DataError(f"{where}: image is null{hint}; fix or remove the row")
-        return read_image(data, self.cfg, where)
+        return read_array(data, self.cfg, where), where
 
     def _read_group(self, group: int) -> tuple[Any, Any]:
         """The image bytes of one row group (and the paths beside them, for messages)."""

@@ -27,8 +27,8 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DataError
-from .base import ImageSource, _conform
-from .decoding import decode_errors, pil_decode
+from .base import ImageSource
+from .decoding import decode_errors, pil_array, to_batch
 from .handles import ProcessCache
 from .labels import class_id
 from .shards import common_parent, files_fingerprint, make_splits, match_files, settings_key
@@ -206,9 +206,11 @@ class WebDatasetSource(ImageSource):
         ids = np.asarray(ids, dtype=np.int64)
         shard_of = np.searchsorted(self._starts, ids, side="right") - 1
         images = [self._image(int(s), int(i)) for s, i in zip(shard_of, ids, strict=True)]
-        return torch.stack(images).float().div_(255), torch.from_numpy(self.labels[ids])
+        wheres = [str(self.shards[s]) for s in shard_of]
+        batch = to_batch(images, self.cfg, wheres)
+        return batch.float().div_(255), torch.from_numpy(self.labels[ids])
 
-    def _image(self, shard: int, i: int) -> torch.Tensor:
+    def _image(self, shard: int, i: int) -> np.ndarray:
         path, offset, size = self.shards[shard], int(self._offsets[i]), int(self._sizes[i])
         try:
             with self._files.lock:
@@ -221,11 +223,10 @@ class WebDatasetSource(ImageSource):
             raise DataError(f"{path}: member {_member_at(path, offset)}: the shard is shorter "
                             "than when it was opened; open the dataset again")
         try:
-            tensor = pil_decode(data, self.cfg.channels)
+            return pil_array(data, self.cfg.channels)
         except decode_errors() as exc:
             raise DataError(f"{path}: member {_member_at(path, offset)}: cannot read image "
                             f"({exc}); fix or remove the shard") from None
-        return _conform(tensor[None], self.cfg, str(path))[0]
 
     def close(self) -> None:
         """Close the shards this process has open (they reopen on the next batch)."""
