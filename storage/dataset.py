@@ -87,10 +87,10 @@ class TokenDataset(Dataset):
         if not -self._len <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} rows")
         index %= self._len
-        h, w = self.meta.grid_h, self.meta.grid_w
+        per_row = self.meta.tokens_per_row
         if self._npy is not None:
-            flat = self._codes[index * h * w : (index + 1) * h * w]
-            codes = np.asarray(flat, dtype=np.int64).reshape(h, w)
+            flat = self._codes[index * per_row : (index + 1) * per_row]
+            codes = np.asarray(flat, dtype=np.int64).reshape(self.meta.grid_shape)
         else:
             codes = np.asarray(self._codes[index], dtype=np.int64)
         label = -1 if self._labels is None else int(self._labels[index])

@@ -88,7 +88,7 @@ def export_memmap(
     sidecar = {
         "kind": SIDECAR_KIND,
         "meta": meta.to_dict(),
-        "shape": [rows, meta.grid_h, meta.grid_w],
+        "shape": [rows, *meta.grid_shape],
         "dtype": np.dtype(meta.codes_dtype).name,
         "split": split,
         "tokens_file": out.name,

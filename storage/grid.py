@@ -37,7 +37,8 @@ def check_codes_range(codes: np.ndarray, codebook_size: int, where: object, what
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """Codes (N, h, w) with their ids, labels and splits, plus the store's metadata.
+    """Codes (N, h, w), or (N, h, w, depth), with their ids, labels and splits, plus the
+    store's metadata.
 
     Splits are kept as ``split_index`` into ``split_names`` (like a categorical) so millions of
     rows do not become millions of Python strings; ``splits`` expands them on demand.
@@ -112,11 +113,11 @@ def check_grid(grid: TokenGrid, where: object) -> TokenGrid:
     """Refuse grids that contradict their metadata: wrong shape, dtype or out-of-codebook codes."""
     meta = grid.meta
     codes = grid.codes
-    if codes.ndim != 3 or codes.shape[1:] != (meta.grid_h, meta.grid_w):
+    if codes.shape[1:] != meta.grid_shape:
         raise TokenStoreError(
             where,
             f"codes have shape {tuple(codes.shape)} but the metadata says "
-            f"{meta.grid_h}x{meta.grid_w} grids; the file is corrupt or was not written by vqtok",
+            f"{meta.grid_text} grids; the file is corrupt or was not written by vqtok",
         )
     if codes.dtype != meta.codes_dtype:
         raise TokenStoreError(
@@ -145,7 +146,7 @@ def read_only(*arrays: np.ndarray) -> None:
 def concat_grids(grids: Sequence[TokenGrid], meta: TokenMeta) -> TokenGrid:
     """One copy into preallocated arrays; split names are merged in first-seen order."""
     rows = sum(grid.num_rows for grid in grids)
-    codes = np.empty((rows, meta.grid_h, meta.grid_w), dtype=meta.codes_dtype)
+    codes = np.empty((rows, *meta.grid_shape), dtype=meta.codes_dtype)
     ids = np.empty(rows, dtype=np.int64)
     labels = np.empty(rows, dtype=np.int32)
     split_index = np.empty(rows, dtype=np.int32)

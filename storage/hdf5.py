@@ -1,8 +1,8 @@
 """Token files in HDF5: the streaming writer and the reader.
 
-Datasets ``codes`` (N, h, w), ``ids``, ``labels`` and ``splits`` (fixed-width UTF-8 bytes),
-gzip-compressed in chunks; the store's TokenMeta is JSON in the root attributes (with flat
-copies for people browsing with h5ls).
+Datasets ``codes`` (N, h, w), or (N, h, w, depth) for codes with depth, ``ids``, ``labels``
+and ``splits`` (fixed-width UTF-8 bytes), gzip-compressed in chunks; the store's TokenMeta is
+JSON in the root attributes (with flat copies for people browsing with h5ls).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class HDF5TokenWriter(TokenFileWriter):
             "compression_opts": level,
             "shuffle": True,
         }
-        grid = (meta.grid_h, meta.grid_w)
+        grid = meta.grid_shape
         self._codes = self._file.create_dataset(
             "codes",
             shape=(0, *grid),
@@ -98,7 +98,7 @@ class HDF5TokenWriter(TokenFileWriter):
         start = self._ids.shape[0]
         stop = start + rows
         for dataset, values in (
-            (self._codes, codes.reshape(rows, self.meta.grid_h, self.meta.grid_w)),
+            (self._codes, codes.reshape(rows, *self.meta.grid_shape)),
             (self._ids, ids),
             (self._labels, labels),
             (self._splits, splits),

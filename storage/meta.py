@@ -78,12 +78,15 @@ class TokenMeta:
     vqtok_version: str
     created_at: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Codes per grid position: 1 for one codebook, the number of stages for residual VQ.
+    depth: int = 1
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "codebook_size", _as_int("codebook_size", self.codebook_size, 1, _MAX_CODEBOOK))
         set_(self, "grid_h", _as_int("grid_h", self.grid_h, 1, 1 << 16))
         set_(self, "grid_w", _as_int("grid_w", self.grid_w, 1, 1 << 16))
+        set_(self, "depth", _as_int("depth", self.depth, 1, 1 << 10))
         for name in ("dataset", "dataset_fingerprint", "checkpoint_hash", "vqtok_version"):
             if not isinstance(getattr(self, name), str):
                 raise TokenStoreError(
@@ -112,11 +115,23 @@ class TokenMeta:
         return codes_dtype_for(self.codebook_size)
 
     @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """One image's codes: (h, w), or (h, w, depth) when there is more than one level."""
+        grid = (self.grid_h, self.grid_w)
+        return grid if self.depth == 1 else (*grid, self.depth)
+
+    @property
+    def grid_text(self) -> str:
+        return "x".join(str(n) for n in self.grid_shape)
+
+    @property
     def tokens_per_row(self) -> int:
-        return self.grid_h * self.grid_w
+        return self.grid_h * self.grid_w * self.depth
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """Depth 1 is left out, so one-level stores are written exactly as before depth
+        existed (and stores from before read as depth 1)."""
+        data = {
             "storage_format": STORAGE_FORMAT_VERSION,
             "codebook_size": self.codebook_size,
             "grid_h": self.grid_h,
@@ -128,6 +143,9 @@ class TokenMeta:
             "created_at": self.created_at,
             "extra": self.extra,
         }
+        if self.depth != 1:
+            data["depth"] = self.depth
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -156,6 +174,7 @@ class TokenMeta:
                 **{key: data[key] for key in _REQUIRED},
                 created_at=data.get("created_at"),
                 extra=data.get("extra") or {},
+                depth=data.get("depth", 1),
             )
         except TokenStoreError as exc:
             raise TokenStoreError(where, f"bad token metadata: {exc}") from None
@@ -185,7 +204,7 @@ class TokenMeta:
         self,
         checkpoint_hash: str,
         codebook_size: int | None = None,
-        grid: tuple[int, int] | None = None,
+        grid: tuple[int, ...] | None = None,
         *,
         where: object = None,
     ) -> None:
@@ -202,9 +221,9 @@ class TokenMeta:
                 f"tokens use a codebook of {self.codebook_size} but the tokenizer has "
                 f"{codebook_size}; decode with the checkpoint that encoded them",
             )
-        if grid is not None and tuple(grid) != (self.grid_h, self.grid_w):
+        if grid is not None and tuple(grid) != self.grid_shape:
             raise TokenStoreError(
                 where,
-                f"tokens are {self.grid_h}x{self.grid_w} grids but the tokenizer makes "
-                f"{grid[0]}x{grid[1]}; decode with the checkpoint that encoded them",
+                f"tokens are {self.grid_text} grids but the tokenizer makes "
+                f"{'x'.join(map(str, grid))}; decode with the checkpoint that encoded them",
             )

@@ -67,7 +67,7 @@ def meta_from_schema(schema: pa.Schema, where: object) -> TokenMeta:
             raise TokenStoreError(
                 where,
                 f"column {name} is {got} but the metadata (codebook {meta.codebook_size}, grid "
-                f"{meta.grid_h}x{meta.grid_w}) needs {want}; the file is corrupt or was rewritten "
+                f"{meta.grid_text}) needs {want}; the file is corrupt or was rewritten "
                 "by another tool",
             )
     return meta
@@ -250,7 +250,7 @@ def _codes(column: pa.ChunkedArray, meta: TokenMeta, where: object) -> np.ndarra
     ``flatten()`` (not ``.values``) because a sliced list array's ``.values`` ignores the slice
     offset and would return another row's tokens.
     """
-    shape = (meta.grid_h, meta.grid_w)
+    shape = meta.grid_shape
     if column.null_count:
         raise TokenStoreError(where, "codes column has null rows; the file is corrupt")
     flat = [chunk.flatten() for chunk in column.chunks]

@@ -35,7 +35,8 @@ def load_grid(
     format: str | None = None,
     verify: bool = True,
 ) -> TokenGrid:
-    """All codes as one (N, h, w) array, plus ids, labels, splits and metadata.
+    """All codes as one (N, h, w) array ((N, h, w, depth) with depth), plus ids, labels,
+    splits and metadata.
 
     ``path`` is a .parquet or .h5 file, or a sharded folder (``OUT`` or ``OUT/tokens``). For
     a folder, ``format`` picks which files to read (Parquet by default) and ``verify`` checks

@@ -66,10 +66,10 @@ def normalize_batch(meta: TokenMeta, codes: Any, ids: Any, labels: Any, where: o
     reuse their batch buffers.
     """
     codes = _integer_array("codes", codes, where)
-    h, w = meta.grid_h, meta.grid_w
-    if codes.ndim != 3 or codes.shape[1:] != (h, w):
+    if codes.ndim < 1 or codes.shape[1:] != meta.grid_shape:
+        shape = ", ".join(str(n) for n in ("B", *meta.grid_shape))
         raise TokenStoreError(
-            where, f"codes must have shape (B, {h}, {w}) for this store, got {tuple(codes.shape)}"
+            where, f"codes must have shape ({shape}) for this store, got {tuple(codes.shape)}"
         )
     rows = codes.shape[0]
     check_codes_range(codes, meta.codebook_size, where, "write")
@@ -96,7 +96,7 @@ def normalize_batch(meta: TokenMeta, codes: Any, ids: Any, labels: Any, where: o
             raise TokenStoreError(where, "labels must be in [-1, 2**31) with -1 meaning 'no label'")
 
     return Batch(
-        codes=codes.astype(meta.codes_dtype, copy=True).reshape(rows, h * w),
+        codes=codes.astype(meta.codes_dtype, copy=True).reshape(rows, meta.tokens_per_row),
         ids=ids.astype(np.int64, copy=True),
         labels=labels.astype(np.int32, copy=True),
     )
