@@ -62,8 +62,8 @@ def decode_tokens(tokens: str, checkpoint: str, out: str, split: str | None = No
     logger = logger or logging.getLogger("vqtok.decode")
     model = cached_model(checkpoint, device)
     meta = read_meta(tokens)
-    grid_hw = (meta.grid_h, meta.grid_w)
-    meta.check_tokenizer(model.checkpoint_hash, model.num_embeddings, grid_hw, where=tokens)
+    shape = (meta.grid_h, meta.grid_w, *((model.depth,) if model.depth > 1 else ()))
+    meta.check_tokenizer(model.checkpoint_hash, model.num_embeddings, shape, where=tokens)
     grid = load_grid(tokens, split=split)
     rows = min(limit, len(grid.codes))
     if rows == 0:

@@ -216,7 +216,7 @@ def encode_flow(
         "seconds": seconds,
         "images_per_second": rate,
         "tokens_per_second": rate * meta.grid_h * meta.grid_w,
-        "grid": [meta.grid_h, meta.grid_w],
+        "grid": list(meta.grid_shape),
         "checkpoint_hash": meta.checkpoint_hash,
     }
     create_markdown_artifact(

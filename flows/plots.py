@@ -23,19 +23,29 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def plot_sorted_usage(stats: dict[str, Any], path: Path) -> Path:
-    """Code counts from most to least used: a flat curve means an evenly used codebook."""
+    """Code counts from most to least used: a flat curve means an evenly used codebook.
+    Codes with depth get one curve per level."""
     counts = np.sort(np.asarray(stats["counts"]))[::-1]
     share = counts / max(counts.sum(), 1)
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(np.arange(len(counts)), share, width=1.0, color="#3b6ea8")
+    levels = stats.get("levels")
+    if levels:
+        for i, level in enumerate(levels):
+            sorted_counts = np.sort(np.asarray(level["counts"]))[::-1]
+            ax.step(np.arange(len(sorted_counts)), sorted_counts / max(sorted_counts.sum(), 1),
+                    where="mid", label=f"level {i}: {level['codes_used']} used, perplexity "
+                    f"{level['perplexity']:.0f}")
+    else:
+        ax.bar(np.arange(len(counts)), share, width=1.0, color="#3b6ea8")
     ax.axhline(1 / len(counts), color="#c0392b", linestyle="--", linewidth=1,
                label=f"uniform (1/{len(counts)})")
     ax.set_yscale("log")
     ax.set_xlabel("code rank (most used first)")
     ax.set_ylabel("share of tokens")
-    ax.set_title(f"Codebook usage: {stats['codes_used']}/{stats['codebook_size']} codes used, "
-                 f"perplexity {stats['perplexity']:.0f}")
-    ax.legend(loc="upper right")
+    what = "level 0: " if levels else ""
+    ax.set_title(f"Codebook usage ({what}{stats['codes_used']}/{stats['codebook_size']} codes "
+                 f"used, perplexity {stats['perplexity']:.0f})")
+    ax.legend(loc="upper right", fontsize=7 if levels else None)
     return _save(fig, path)
 
 

@@ -84,7 +84,7 @@ def sample_meta(token_meta: dict[str, Any], prior: dict[str, Any]) -> TokenMeta:
     extra = {**base.extra, "generated_by": "prior", "prior": prior}
     return TokenMeta(base.codebook_size, base.grid_h, base.grid_w, base.dataset,
                      base.dataset_fingerprint, base.checkpoint_hash, base.vqtok_version,
-                     extra=extra)
+                     extra=extra, depth=base.depth)
 
 
 @task(name="sample-prior")
@@ -114,20 +114,22 @@ def sample_prior_task(prior: str, out: str, n: int, label: int | None, temperatu
 
 
 def find_tokenizer(prior_data: dict[str, Any], checkpoint: str | None) -> str | None:
-    """The tokenizer to decode with: the one given, else ``checkpoint/`` beside the training
-    tokens when its weights are the ones that made them."""
+    """The tokenizer to decode with: the one given, else ``checkpoint/`` of the run folder the
+    training tokens are (or are in) when its weights are the ones that made them."""
     if checkpoint:
         return checkpoint
     tokens = prior_data.get("tokens")
     if not tokens:
         return None
-    candidate = Path(tokens).parent / "checkpoint"
-    try:
-        meta = read_checkpoint_meta(candidate)
-    except CheckpointError:
-        return None
     wanted = prior_data.get("token_meta", {}).get("checkpoint_hash")
-    return str(candidate) if meta.get("weights_sha256") == wanted else None
+    for candidate in (Path(tokens) / "checkpoint", Path(tokens).parent / "checkpoint"):
+        try:
+            meta = read_checkpoint_meta(candidate)
+        except CheckpointError:
+            continue
+        if meta.get("weights_sha256") == wanted:
+            return str(candidate)
+    return None
 
 
 @flow(name="prior-sample")

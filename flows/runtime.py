@@ -105,6 +105,12 @@ def token_meta(model: VQVAE, source: ImageSource, data: DataConfig,
                checkpoint_meta: dict[str, Any]) -> TokenMeta:
     """Everything a later decode needs: codebook, grid, the data it came from, the tokenizer."""
     h, w = model.grid_shape(data.image_size, data.image_size)
+    extra = {"data": data.model_dump(), "channels": source.channels,
+             "image_size": data.image_size,
+             "tokenizer_quality": tokenizer_quality(checkpoint_meta)}
+    quantizer = (checkpoint_meta.get("config") or {}).get("quantizer") or {}
+    if quantizer.get("kind", "vq") != "vq":  # vq stores stay as they were before the family
+        extra["quantizer"] = {k: quantizer.get(k) for k in ("kind", "levels", "depth")}
     return TokenMeta(
         codebook_size=model.num_embeddings,
         grid_h=h,
@@ -113,9 +119,8 @@ def token_meta(model: VQVAE, source: ImageSource, data: DataConfig,
         dataset_fingerprint=source.fingerprint,
         checkpoint_hash=model.checkpoint_hash,
         vqtok_version=__version__,
-        extra={"data": data.model_dump(), "channels": source.channels,
-               "image_size": data.image_size,
-               "tokenizer_quality": tokenizer_quality(checkpoint_meta)},
+        extra=extra,
+        depth=model.depth,
     )
 
 

@@ -24,7 +24,8 @@ def write_stats(tokens: str, out: str) -> dict[str, Any]:
     (``stats``) and the headline figures (a small dict: tasks pass paths, not arrays)."""
     grid = load_grid(tokens)
     report = usage_report(grid.codes, grid.meta.codebook_size, grid.split_index,
-                          tuple(grid.split_names))
+                          tuple(grid.split_names),
+                          fsq_levels=grid.meta.extra.get("quantizer", {}).get("levels"))
     report["dataset"] = grid.meta.dataset
     report["checkpoint_hash"] = grid.meta.checkpoint_hash
     # Usage alone cannot tell a working tokenizer from a dead decoder: carry its quality.

@@ -20,7 +20,9 @@ _PUBLIC = {
     "Config": ".config",
     "ConfigError": ".errors",
     "DataError": ".errors",
+    "FiniteScalarQuantizer": ".quantizers",
     "QuantizerOutput": ".quantizers",
+    "ResidualVectorQuantizer": ".quantizers",
     "TrainResult": ".training",
     "TrainingError": ".errors",
     "VectorQuantizer": ".quantizers",
@@ -38,7 +40,9 @@ __all__ = [  # the keys of _PUBLIC (tests/test_layout.py checks they agree)
     "Config",
     "ConfigError",
     "DataError",
+    "FiniteScalarQuantizer",
     "QuantizerOutput",
+    "ResidualVectorQuantizer",
     "TrainResult",
     "TrainingError",
     "VectorQuantizer",
@@ -55,7 +59,13 @@ if TYPE_CHECKING:
     from .config import Config, load_config
     from .errors import CheckpointError, ConfigError, DataError, TrainingError
     from .model import VQVAE
-    from .quantizers import QuantizerOutput, VectorQuantizer, nearest_code
+    from .quantizers import (
+        FiniteScalarQuantizer,
+        QuantizerOutput,
+        ResidualVectorQuantizer,
+        VectorQuantizer,
+        nearest_code,
+    )
     from .sources import open_source
     from .training import TrainResult, train
 

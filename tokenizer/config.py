@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -43,6 +44,8 @@ class ModelConfig(_Strict):
     num_residual_blocks: int = Field(0, ge=0)
     residual_channels: int = Field(32, ge=1)
     latent_channels: int = Field(64, ge=1)  # encoder output; a 1x1 conv maps it to embedding_dim
+    # The quantizer's vector width and codes per level; with quantizer.kind fsq both follow
+    # from quantizer.levels when left out (len(levels), prod(levels)).
     embedding_dim: int = Field(64, ge=1)
     num_embeddings: int = Field(512, ge=1)
     activation: Literal["relu", "leaky_relu"] = "leaky_relu"  # slope 0.2 (model.LEAKY_SLOPE)
@@ -52,6 +55,10 @@ class ModelConfig(_Strict):
     # so its first Adam steps need not drag every pixel from 0.5 to the mean (on MNIST that
     # overshoot drove the sigmoid into saturation: the dead decoder).
     init_output_bias: bool = True
+
+
+#: fsq levels when a config names kind fsq without them (about 2^10 codes, as in the paper).
+FSQ_DEFAULT_LEVELS = (8, 5, 5, 5)
 
 
 class QuantizerConfig(_Strict):
@@ -67,6 +74,37 @@ class QuantizerConfig(_Strict):
     # trained encoder rather than a random one; at most half of the first epoch (see
     # tokenizer.training.warmup_steps).
     warmup_steps: int = Field(100, ge=0)
+    # vq: nearest learned code (the lecture's); fsq: per-dimension rounding to a fixed grid;
+    # rvq: `depth` vq stages, each coding what the stages before it left over.
+    kind: Literal["vq", "fsq", "rvq"] = "vq"
+    # vq/rvq: search codes of this width, through learned in/out projections (factorized
+    # codes); None: codes are model.embedding_dim wide, no projections.
+    codebook_dim: int | None = Field(None, ge=1)
+    l2_normalize: bool = False  # vq/rvq: nearest code by cosine (unit vectors and codes)
+    rotation_trick: bool = False  # vq/rvq: gradients by the rotation trick, not straight-through
+    # fsq: values per dimension; codes are len(levels) wide, the codebook their product.
+    levels: tuple[Annotated[int, Field(ge=2)], ...] | None = Field(
+        default_factory=lambda data: FSQ_DEFAULT_LEVELS if data.get("kind") == "fsq" else None,
+        min_length=1,
+    )
+    depth: int = Field(1, ge=1)  # rvq: residual stages, each with model.num_embeddings codes
+
+    @model_validator(mode="after")
+    def _options_fit_the_kind(self) -> QuantizerConfig:
+        """Options of another kind would be silently ignored: refuse them instead."""
+        if self.kind == "fsq":
+            if self.levels is None:
+                raise ValueError("kind fsq needs levels (e.g. [8, 5, 5, 5])")
+            for name in ("codebook_dim", "l2_normalize", "rotation_trick"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} applies to kinds vq and rvq, not fsq; remove it")
+        elif self.levels is not None:
+            raise ValueError(f"levels apply to kind fsq only (kind is {self.kind}); remove "
+                             "them or set kind: fsq")
+        if self.depth > 1 and self.kind != "rvq":
+            raise ValueError(f"depth {self.depth} needs kind rvq (kind is {self.kind}); remove "
+                             "depth or set kind: rvq")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -96,9 +134,41 @@ class Config(_Strict):
     quantizer: QuantizerConfig = QuantizerConfig()
     train: TrainConfig = TrainConfig()
 
+    @model_validator(mode="after")
+    def _fsq_sizes(self) -> Config:
+        """fsq: the model's code width and codebook size follow from the levels (the one
+        place a validated config is completed: its ``model`` is swapped, never mutated)."""
+        if self.quantizer.kind == "fsq":
+            object.__setattr__(self, "model", fsq_model_sizes(self.model, self.quantizer))
+        return self
+
     def with_overrides(self, **dotted: Any) -> Config:
         """Copy with ``{"train.epochs": 3}``-style overrides, validated like the file."""
-        return parse_config(apply_overrides(self.model_dump(), dotted), source="overrides")
+        raw = self.model_dump()
+        if self.quantizer.kind == "fsq":  # sizes that followed the levels follow new ones too
+            for key in ("embedding_dim", "num_embeddings"):
+                if key not in self.model.model_fields_set:
+                    raw["model"].pop(key)
+        return parse_config(apply_overrides(raw, dotted), source="overrides")
+
+
+def fsq_model_sizes(model: ModelConfig, quantizer: QuantizerConfig) -> ModelConfig:
+    """``model`` with ``embedding_dim = len(levels)`` and ``num_embeddings = prod(levels)``
+    where they were left out; ValueError (one line) where they were given otherwise."""
+    levels = quantizer.levels or FSQ_DEFAULT_LEVELS
+    wanted = {"embedding_dim": (len(levels), "len(levels)"),
+              "num_embeddings": (math.prod(levels), "prod(levels)")}
+    values = dict(model.__dict__)
+    for key, (value, rule) in wanted.items():
+        if key not in model.model_fields_set:
+            values[key] = value
+        elif values[key] != value:
+            raise ValueError(
+                f"model.{key} {values[key]} does not fit quantizer.levels {list(levels)} (fsq: "
+                f"{rule} = {value}); leave model.{key} out or set it to {value}")
+    if values == model.__dict__:
+        return model
+    return ModelConfig.model_construct(_fields_set=set(model.model_fields_set), **values)
 
 
 def apply_overrides(raw: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +215,8 @@ def _describe(error: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'; remove it or fix its spelling"
     if first["type"] == "value_error":  # a rule across keys (a model_validator)
+        if not first["loc"]:  # across sections: the message names its keys
+            return f"{source}: {first['ctx']['error']}"
         return f"{source}: section '{key}': {first['ctx']['error']}"
     return f"{source}: key '{key}': {first['msg']} (got {first.get('input')!r})"
 

@@ -2,6 +2,8 @@
 
 Shapes for the defaults (28x28 MNIST, two downsamplings): image (B, 1, 28, 28) ->
 encoder (B, 64, 7, 7) -> codes (B, 7, 7) in [0, 512) -> decoder (B, 1, 28, 28) in [0, 1].
+The quantizer is the one ``quantizer.kind`` names (``quantizers.build_quantizer``); a
+residual one of depth > 1 gives codes (B, 7, 7, depth).
 
 The model also keeps the mean image of its training data (a buffer, saved with the
 weights): the trivial baseline its reconstructions are judged against (``tokenizer.health``)
@@ -16,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, QuantizerConfig
-from .quantizers import QuantizerOutput, VectorQuantizer, nearest_code
+from .config import ModelConfig, QuantizerConfig, fsq_model_sizes
+from .quantizers import build_quantizer
 
 #: Negative slope of ``activation: leaky_relu``: in short runs plain ReLUs that die take
 #: part of the small encoder and decoder with them (0.6 dB on CIFAR-10 in 220 steps).
@@ -100,6 +102,8 @@ class VQVAE(nn.Module):
         super().__init__()
         model = model or ModelConfig()
         quantizer = quantizer or QuantizerConfig()
+        if quantizer.kind == "fsq":  # code width and codebook size follow from the levels
+            model = fsq_model_sizes(model, quantizer)
         self.in_channels = in_channels
         self.center_input = model.center_input
         self.downsample_factor = 2**model.num_downsamples
@@ -109,19 +113,7 @@ class VQVAE(nn.Module):
             if model.latent_channels != model.embedding_dim
             else nn.Identity()
         )
-        self.quantizer = VectorQuantizer(
-            num_embeddings=model.num_embeddings,
-            embedding_dim=model.embedding_dim,
-            beta=quantizer.beta,
-            ema=quantizer.ema,
-            decay=quantizer.decay,
-            eps=quantizer.eps,
-            kmeans_init=quantizer.kmeans_init,
-            kmeans_iters=quantizer.kmeans_iters,
-            restart_after=quantizer.restart_after,
-            chunk_bytes=quantizer.chunk_mib * 2**20,
-            seed=seed,
-        )
+        self.quantizer = build_quantizer(quantizer, model, seed=seed)
         self.decoder = _decoder(in_channels, model)
         # How many training images ``mean_image`` averages; 0: not known (checkpoints from
         # before it existed load with 0, see ``_fill_missing_mean_image``).
@@ -131,7 +123,13 @@ class VQVAE(nn.Module):
 
     @property
     def num_embeddings(self) -> int:
+        """Codes per level: the range of every index."""
         return self.quantizer.num_embeddings
+
+    @property
+    def depth(self) -> int:
+        """Indices per grid position: codes are (B, h, w) at 1, (B, h, w, depth) above."""
+        return self.quantizer.depth
 
     @property
     def output_layer(self) -> nn.ConvTranspose2d:
@@ -171,14 +169,7 @@ class VQVAE(nn.Module):
         the decoder: a plain autoencoder, no codebook loss and no codebook learning; the
         indices are still the nearest codes."""
         z = self.latent(x)
-        if quantize:
-            q = self.quantizer(z)
-        else:
-            b, _, h, w = z.shape
-            zero = torch.zeros((), device=z.device)
-            flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-            indices = nearest_code(flat, self.quantizer.codebook, self.quantizer.chunk_bytes)
-            q = QuantizerOutput(z, indices.view(b, h, w), zero, zero, zero)
+        q = self.quantizer(z) if quantize else self.quantizer.passthrough(z)
         reconstruction = self.decoder(q.quantized)
         recon_loss = F.mse_loss(reconstruction.float(), x.float())
         return VQVAEOutput(
@@ -192,27 +183,34 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) floats in [0, 1] -> (B, h, w) int64 code indices."""
-        z = self.latent(x).float()
-        b, d, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-        q = self.quantizer
-        return nearest_code(flat, q.codebook, q.chunk_bytes).view(b, h, w)
+        """(B, C, H, W) floats in [0, 1] -> (B, h, w) int64 code indices; (B, h, w, depth)
+        for a residual quantizer of depth > 1."""
+        return self.quantizer.encode(self.latent(x).float())
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) code indices of any integer dtype -> (B, C, H, W) images in [0, 1].
+        """(B, h, w) code indices of any integer dtype -> (B, C, H, W) images in [0, 1];
+        (B, h, w, depth) for depth > 1.
 
         Token stores keep codes as uint16 (K <= 65,536), so ``torch.from_numpy`` of their
         arrays is accepted as it is.
         """
         if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
             raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+        depth = self.depth
+        if depth == 1 and codes.dim() != 3:
+            raise ValueError(f"codes must be (B, h, w); got shape {tuple(codes.shape)}")
+        if depth > 1 and (codes.dim() != 4 or codes.shape[-1] != depth):
+            raise ValueError(f"codes must be (B, h, w, {depth}) for a depth-{depth} quantizer; "
+                             f"got shape {tuple(codes.shape)}")
         codes = codes.long()  # also what the lookup indexes with; uint16 has few kernels
         k = self.num_embeddings
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= k):
-            raise ValueError(f"codes must lie in [0, {k}); got [{int(codes.min())}, "
-                             f"{int(codes.max())}]")
+        levels = [codes] if depth == 1 else list(codes.unbind(-1))
+        for i, level in enumerate(levels):
+            if level.numel() and (int(level.min()) < 0 or int(level.max()) >= k):
+                where = "" if depth == 1 else f"of level {i} "
+                raise ValueError(f"codes {where}must lie in [0, {k}); got "
+                                 f"[{int(level.min())}, {int(level.max())}]")
         return self.decoder(self.quantizer.lookup(codes)).float()
 
 

@@ -19,6 +19,21 @@ def code_histogram(indices: torch.Tensor | np.ndarray, num_embeddings: int) -> n
     return np.bincount(flat, minlength=num_embeddings)
 
 
+def level_histograms(indices: torch.Tensor | np.ndarray, num_embeddings: int,
+                     depth: int = 1) -> np.ndarray:
+    """Counts (depth, K) int64: each level's codes counted apart. At depth 1 ``indices`` is
+    any array of codes; above, its last axis is the level (a residual quantizer's codes)."""
+    if depth == 1:
+        return code_histogram(indices, num_embeddings)[None]
+    if hasattr(indices, "detach"):
+        indices = indices.detach().cpu().numpy()
+    indices = np.asarray(indices)
+    if indices.ndim < 1 or indices.shape[-1] != depth:
+        raise ValueError(f"codes of depth {depth} need a last axis of {depth}; got shape "
+                         f"{indices.shape}")
+    return np.stack([code_histogram(indices[..., i], num_embeddings) for i in range(depth)])
+
+
 def entropy_bits(counts: np.ndarray) -> float:
     """Order-0 entropy (bits per token) of a histogram: the unigram code length."""
     total = counts.sum()
@@ -46,20 +61,21 @@ def usage_summary(counts: np.ndarray) -> dict[str, float | int]:
 
 
 def position_stats(codes: np.ndarray, num_embeddings: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per grid position: entropy in bits and number of distinct codes, each (h, w).
+    """Per grid position: entropy in bits and number of distinct codes, each (h, w) (or
+    (h, w, depth) for codes with depth: every level of a position is a position of its own).
 
     Low entropy marks positions the tokenizer spends few codes on (e.g. MNIST's empty border).
     One histogram at a time keeps memory at K counts whatever the grid size.
     """
-    n, h, w = codes.shape
-    flat = codes.reshape(n, h * w)
-    entropy = np.zeros(h * w)
-    distinct = np.zeros(h * w, dtype=np.int64)
-    for p in range(h * w):
+    n, grid = codes.shape[0], codes.shape[1:]
+    flat = codes.reshape(n, -1)
+    entropy = np.zeros(flat.shape[1])
+    distinct = np.zeros(flat.shape[1], dtype=np.int64)
+    for p in range(flat.shape[1]):
         counts = np.bincount(flat[:, p].astype(np.int64), minlength=num_embeddings)
         entropy[p] = entropy_bits(counts)
         distinct[p] = int((counts > 0).sum())
-    return entropy.reshape(h, w), distinct.reshape(h, w)
+    return entropy.reshape(grid), distinct.reshape(grid)
 
 
 def ranked_codes(counts: np.ndarray, top: int = 10) -> dict[str, list[dict[str, int]]]:

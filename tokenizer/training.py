@@ -41,7 +41,7 @@ from .faults import pause_point
 from .model import VQVAE
 from .sources import ImageSource, iterate_batches, iterate_id_batches, open_source, split_batches
 from .splits import heldout_split
-from .stats import code_histogram, psnr, usage_summary
+from .stats import level_histograms, psnr, usage_summary
 
 Logger = Callable[[str], None]
 
@@ -96,7 +96,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     sq_err, baseline_sq_err, pixels = 0.0, 0.0, 0
-    counts = np.zeros(model.num_embeddings, dtype=np.int64)
+    counts = np.zeros((model.depth, model.num_embeddings), dtype=np.int64)  # per level
     has_baseline = int(model.mean_image_count) > 0
     mine = dist.shard_eval(ids, dist.rank(), dist.world_size())
     for images, _ in iterate_batches(source, mine, batch_size, pin=accel.pin_memory,
@@ -109,16 +109,16 @@ def evaluate(
         if has_baseline:
             baseline_sq_err += float(((model.mean_image - images) ** 2).sum())
         pixels += images.numel()
-        counts += code_histogram(codes, model.num_embeddings)
+        counts += level_histograms(codes, model.num_embeddings, model.depth)
     model.train(was_training)
     if dist.is_distributed():
-        where = model.quantizer.codebook.device
+        where = model.mean_image.device
         sums = dist.all_reduce_sum_(torch.tensor([sq_err, baseline_sq_err, float(pixels)],
                                                  dtype=torch.float64, device=where))
         sq_err, baseline_sq_err, pixels = float(sums[0]), float(sums[1]), int(sums[2])
         counts = dist.all_reduce_sum_(torch.from_numpy(counts).to(where)).cpu().numpy()
     mse = sq_err / max(pixels, 1)
-    usage = usage_summary(counts)
+    usage = usage_summary(counts[0])
     figures = {
         "mse": mse,
         "psnr": psnr(mse),
@@ -127,6 +127,9 @@ def evaluate(
         "perplexity": usage["perplexity"],
         "images": len(ids),
     }
+    if model.depth > 1:  # the figures above are level 0's; here every level's
+        figures["levels"] = [{k: summary[k] for k in ("usage", "codes_used", "perplexity")}
+                             for summary in map(usage_summary, counts)]
     if has_baseline:
         figures.update(health.baseline_figures(baseline_sq_err, pixels))
     return figures
@@ -141,9 +144,17 @@ def _train_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Everything a resumed run needs; ``partial`` is the running loss of an unfinished epoch."""
     tensors, info = optimizer_and_rng_state(optimizer)
-    tensors["rng.quantizer"] = model.quantizer.generator.get_state()
+    for name, generator in _quantizer_generators(model).items():
+        tensors[name] = generator.get_state()
     info.update(step=step, history=history, epoch_loss=partial[0], epoch_batches=partial[1])
     return tensors, info
+
+
+def _quantizer_generators(model: VQVAE) -> dict[str, torch.Generator]:
+    """The quantizer's random streams by train-state key: "rng.quantizer" for the first (the
+    key of checkpoints from before there were several), "rng.quantizer.N" for the others."""
+    return {"rng.quantizer" if i == 0 else f"rng.quantizer.{i}": g
+            for i, g in enumerate(model.quantizer.generators())}
 
 
 @dataclass
@@ -165,7 +176,8 @@ def _restore_state(
     model.load_state_dict(loaded.state_dict())
 
     def rest(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> _Resumed:
-        model.quantizer.generator.set_state(tensors["rng.quantizer"])
+        for name, generator in _quantizer_generators(model).items():
+            generator.set_state(tensors[name])
         return _Resumed(int(info["step"]), list(info.get("history", [])),
                         (float(info.get("epoch_loss", 0.0)), int(info.get("epoch_batches", 0))))
 
@@ -215,6 +227,16 @@ def _progress(enabled: bool):  # noqa: ANN202 - rich types stay internal
         disable=not enabled,
         transient=False,
     )
+
+
+def _per_level(figures: dict[str, Any]) -> str:
+    """Every level's usage and perplexity for a log line; "" at depth 1 (no "levels")."""
+    levels = figures.get("levels")
+    if not levels:
+        return ""
+    usage = "/".join(f"{level['usage']:.1%}" for level in levels)
+    perplexity = "/".join(f"{level['perplexity']:.1f}" for level in levels)
+    return f" (per level: usage {usage}, perplexity {perplexity})"
 
 
 def _silent(_message: str) -> None:
@@ -419,7 +441,7 @@ def train(
             model.train()
             figures = (f"val mse {last_val['mse']:.5f}  {health.quality_line(last_val)}  usage "
                        f"{last_val['usage']:.1%}  perplexity {last_val['perplexity']:.1f}"
-                       if last_val else "no validation images")
+                       f"{_per_level(last_val)}" if last_val else "no validation images")
             if step % steps_per_epoch == 0:  # a whole epoch: it goes into the history
                 history.append({"step": step, "epoch": step // steps_per_epoch,
                                 "train_loss": epoch_loss / max(epoch_batches, 1),

@@ -62,7 +62,8 @@ def save_prior(
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "shape": model.shape.model_dump(),
+        # Depth 1 left out: one-level priors are described exactly as before depth existed.
+        "shape": model.shape.model_dump(exclude={"depth"} if model.shape.depth == 1 else None),
         "config": config.model_dump(),
         "data": data or {},
         "progress": progress or {},

@@ -21,6 +21,13 @@ class PriorShape(_Strict):
     grid_h: int = Field(ge=1)
     grid_w: int = Field(ge=1)
     num_classes: int = Field(0, ge=0)  # 0: unconditional only
+    depth: int = Field(1, ge=1)  # codes per grid position (residual quantizers)
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """One sample's codes: (h, w), or (h, w, depth)."""
+        hw = (self.grid_h, self.grid_w)
+        return hw if self.depth == 1 else (*hw, self.depth)
 
 
 class PriorModelConfig(_Strict):

@@ -76,7 +76,10 @@ class TokenPrior(nn.Module):
             )
         self.shape = shape
         self.config = config
-        self.seq_len = shape.grid_h * shape.grid_w
+        # Codes with depth are one sequence in raster order, the levels of a position in turn
+        # (the stores' (h, w, depth) order): each level of each position has its own position
+        # embedding, and a level is predicted from the coarser levels of its position.
+        self.seq_len = shape.grid_h * shape.grid_w * shape.depth
         self.no_label = shape.num_classes  # the extra label-embedding row
         d = config.d_model
         self.code_emb = nn.Embedding(shape.vocab_size, d)
@@ -134,7 +137,7 @@ class TokenPrior(nn.Module):
         return self.head(self.ln_f(x))
 
     def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean cross-entropy in nats per code over (B, T) grids flattened to (B, h*w)."""
+        """Mean cross-entropy in nats per code over grids flattened to (B, h*w*depth)."""
         codes = codes.reshape(codes.shape[0], -1)
         logits = self(codes, labels)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
@@ -149,7 +152,7 @@ class TokenPrior(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """``n`` grids (n, h, w) int64, drawn code by code.
+        """``n`` grids (n, h, w) int64 ((n, h, w, depth) with depth), drawn code by code.
 
         ``temperature`` 0 is greedy (argmax); ``top_k`` keeps the k most likely codes at
         each step. The same generator state gives the same grids.
@@ -171,7 +174,7 @@ class TokenPrior(nn.Module):
             logits = self(padded, labels)[:, -1].float()
             codes = torch.cat([codes, _draw(logits, temperature, top_k, generator)], dim=1)
         self.train(was_training)
-        return codes.view(n, self.shape.grid_h, self.shape.grid_w)
+        return codes.view(n, *self.shape.grid)
 
 
 def _draw(logits: torch.Tensor, temperature: float, top_k: int | None,

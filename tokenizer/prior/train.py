@@ -65,15 +65,17 @@ def stack_dataset(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 def infer_shape(codes: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> PriorShape:
     """Grid from the codes, classes = largest label + 1 (0 when no grid has a label)."""
-    if codes.ndim != 3 or len(codes) == 0:
-        raise TrainingError("the prior needs at least one (h, w) grid of codes to train on")
+    if codes.ndim not in (3, 4) or len(codes) == 0:
+        raise TrainingError("the prior needs at least one (h, w) or (h, w, depth) grid of codes "
+                            "to train on")
     if int(codes.max()) >= vocab_size or int(codes.min()) < 0:
         raise TrainingError(
             f"codes range over {int(codes.min())}..{int(codes.max())} but the codebook has "
             f"{vocab_size} entries; pass the tokens' codebook size"
         )
     return PriorShape(vocab_size=vocab_size, grid_h=int(codes.shape[1]),
-                      grid_w=int(codes.shape[2]), num_classes=int(labels.max().clamp(min=-1)) + 1)
+                      grid_w=int(codes.shape[2]), num_classes=int(labels.max().clamp(min=-1)) + 1,
+                      depth=int(codes.shape[3]) if codes.ndim == 4 else 1)
 
 
 def baselines(codes: torch.Tensor, vocab_size: int) -> dict[str, float]:
@@ -186,9 +188,9 @@ def train_prior(
     codes = codes.reshape(len(codes), -1)
     if heldout_data is not None:
         held_codes, held_labels = stack_dataset(heldout_data)
-        if len(held_codes) and tuple(held_codes.shape[1:]) != (shape.grid_h, shape.grid_w):
+        if len(held_codes) and tuple(held_codes.shape[1:]) != shape.grid:
             raise TrainingError(f"held-out grids are {tuple(held_codes.shape[1:])}, training "
-                                f"grids {shape.grid_h}x{shape.grid_w}; use one token store")
+                                f"grids {'x'.join(map(str, shape.grid))}; use one token store")
         # A class the training split never saw has no label embedding: score it unconditioned.
         held_labels = torch.where(held_labels < shape.num_classes, held_labels, -1)
     else:
@@ -201,7 +203,7 @@ def train_prior(
     if (checkpoint / STATE).is_file():
         stored = read_prior_meta(checkpoint)
         differs = resume_mismatch(stored["config"], config.model_dump(), RESUME_MUST_MATCH)
-        if differs is None and stored["shape"] != shape.model_dump():
+        if differs is None and PriorShape.model_validate(stored["shape"]) != shape:
             differs = "tokens (codebook, grid or classes)"
         if differs:
             raise TrainingError(f"{out_dir} holds a prior trained with a different '{differs}'; "

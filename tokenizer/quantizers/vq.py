@@ -4,11 +4,16 @@ Losses use the mean over all elements (``F.mse_loss``), the convention of the se
 of the VQ-VAE reference code: a term equals the per-vector sum of squares divided by the
 embedding width D. For the lecture's toy example (D = 2) the per-vector sums of squares are
 0.17, so ``codebook_loss`` and ``commitment_loss`` are each 0.085.
+
+Three options change where and how the search runs, all off by default (the lecture's
+quantizer, unchanged): ``codebook_dim`` (codes of a lower width d, reached through learned
+1x1 in/out projections: the search, the losses, EMA, k-means and restarts all work in d),
+``l2_normalize`` (unit vectors and unit codes, so the squared-L2 argmin is the largest cosine)
+and ``rotation_trick`` (the gradient estimator of ``rotation.py`` instead of straight-through).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,21 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as dist
+from .output import QuantizerOutput
+from .rotation import rotate_onto
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 #: On CPU a distance block of about this size stays in cache between the GEMM and the argmin.
 CPU_BLOCK_BYTES = 4 * 2**20
 #: ...but never fewer rows than this, or re-packing the codebook for each GEMM dominates.
 CPU_MIN_BLOCK_ROWS = 64
-
-
-@dataclass
-class QuantizerOutput:
-    quantized: torch.Tensor  # (B, D, H, W), straight-through: gradient goes to the input
-    indices: torch.Tensor  # (B, H, W) int64
-    loss: torch.Tensor  # codebook_loss (0 with EMA) + beta * commitment_loss
-    codebook_loss: torch.Tensor
-    commitment_loss: torch.Tensor
 
 
 def _block_shape(n: int, k: int, chunk_bytes: int, device: torch.device) -> tuple[int, int]:
@@ -199,7 +197,12 @@ class VectorQuantizer(nn.Module):
     outputs (VQ-VAE paper, appendix A.1) instead of the codebook loss. ``kmeans_init`` fits
     the codebook to the first training batch, and ``restart_after`` re-seeds codes unused for
     that many training steps from recent encoder outputs: both keep the whole codebook in use.
+
+    ``embedding_dim`` is the width of the vectors it takes and gives; ``code_dim`` that of
+    the codebook (``codebook_dim``, or ``embedding_dim`` when there are no projections).
     """
+
+    depth = 1  # one index per vector (see ResidualVectorQuantizer for more)
 
     def __init__(
         self,
@@ -214,12 +217,26 @@ class VectorQuantizer(nn.Module):
         restart_after: int = 100,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         seed: int = 0,
+        codebook_dim: int | None = None,
+        l2_normalize: bool = False,
+        rotation_trick: bool = False,
     ) -> None:
         super().__init__()
-        if num_embeddings < 1 or embedding_dim < 1:
-            raise ValueError("num_embeddings and embedding_dim must be positive")
+        if num_embeddings < 1 or embedding_dim < 1 or (codebook_dim is not None
+                                                       and codebook_dim < 1):
+            raise ValueError("num_embeddings, embedding_dim and codebook_dim must be positive")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
+        self.code_dim = codebook_dim or embedding_dim
+        self.l2_normalize = l2_normalize
+        self.rotation_trick = rotation_trick
+        # Factorized codes: 1x1 convs to and from the codebook width (absent by default, so
+        # the default model's parameters and state_dict keys stay those of the lecture's).
+        self.in_project: nn.Conv2d | None = None
+        self.out_project: nn.Conv2d | None = None
+        if codebook_dim is not None:
+            self.in_project = nn.Conv2d(embedding_dim, codebook_dim, 1)
+            self.out_project = nn.Conv2d(codebook_dim, embedding_dim, 1)
         self.beta = beta
         self.ema = ema
         self.decay = decay
@@ -229,9 +246,11 @@ class VectorQuantizer(nn.Module):
         self.chunk_bytes = chunk_bytes
         self.generator = torch.Generator().manual_seed(seed)
 
-        init = torch.empty(num_embeddings, embedding_dim).uniform_(
+        init = torch.empty(num_embeddings, self.code_dim).uniform_(
             -1 / num_embeddings, 1 / num_embeddings, generator=self.generator
         )
+        if l2_normalize:
+            init = F.normalize(init, dim=1)
         if ema:
             # The codebook is state, not a parameter: no optimizer may move it.
             self.register_buffer("embedding", init)
@@ -246,29 +265,84 @@ class VectorQuantizer(nn.Module):
 
     @property
     def codebook(self) -> torch.Tensor:
+        """The stored codes (K, code_dim): a buffer with EMA, else the parameter."""
         return self.embedding
+
+    @property
+    def codebook_size(self) -> int:
+        return self.num_embeddings
+
+    def generators(self) -> list[torch.Generator]:
+        """The random streams a resumed run must restore (k-means seeds, restart picks)."""
+        return [self.generator]
+
+    def codes(self) -> torch.Tensor:
+        """The codes the search uses: the codebook, made unit length with ``l2_normalize``
+        (a parameter codebook is normalised on use, so its gradient sees the normalisation)."""
+        return F.normalize(self.embedding, dim=1) if self.l2_normalize else self.embedding
+
+    def to_code_space(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, code_dim, H, W): the in-projection, then unit length if asked;
+        ``z`` itself by default."""
+        if self.in_project is not None:
+            z = self.in_project(z)
+        if self.l2_normalize:
+            z = F.normalize(z, dim=1)
+        return z
+
+    def from_code_space(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, code_dim, H, W) -> (B, D, H, W): the out-projection; ``q`` itself by default."""
+        return q if self.out_project is None else self.out_project(q)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes for an index grid (B, H, W) -> (B, D, H, W), via a gather (embedding lookup)."""
-        return F.embedding(indices, self.embedding).permute(0, 3, 1, 2).contiguous()
+        return self.from_code_space(
+            F.embedding(indices, self.codes()).permute(0, 3, 1, 2).contiguous())
+
+    def _check_width(self, z: torch.Tensor) -> None:
+        if z.shape[1] != self.embedding_dim:
+            raise ValueError(f"expected {self.embedding_dim} channels, got {z.shape[1]}")
+
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, H, W) int64 nearest-code indices; no state changes."""
+        self._check_width(z)
+        b, _, h, w = z.shape
+        z = self.to_code_space(z)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        return nearest_code(flat, self.codes(), self.chunk_bytes).view(b, h, w)
+
+    def passthrough(self, z: torch.Tensor) -> QuantizerOutput:
+        """The training warm-up: ``z`` (through the projections, if any) without quantizing
+        or learning and with zero losses; the indices are still the nearest codes."""
+        self._check_width(z)
+        b, _, h, w = z.shape
+        zero = torch.zeros((), device=z.device)
+        low = self.to_code_space(z)
+        flat = low.detach().permute(0, 2, 3, 1).reshape(-1, low.shape[1])
+        indices = nearest_code(flat, self.codes(), self.chunk_bytes)
+        return QuantizerOutput(self.from_code_space(low), indices.view(b, h, w), zero, zero,
+                               zero)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        b, d, h, w = z.shape
-        if d != self.embedding_dim:
-            raise ValueError(f"expected {self.embedding_dim} channels, got {d}")
-        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, d)  # a view for channels_last z
+        self._check_width(z)
+        b, _, h, w = z.shape
+        z = self.to_code_space(z)
+        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # a view if channels_last
         learning = self.training and torch.is_grad_enabled()
         if learning and not bool(self.initialized):
             self._kmeans_init(flat.float())
-        indices = nearest_code(flat, self.embedding, self.chunk_bytes)
+        indices = nearest_code(flat, self.codes(), self.chunk_bytes)
         if learning:
             self._learn(flat.float(), indices)
 
-        out, commitment, codebook_loss = _StraightThrough.apply(z, flat, self.embedding, indices)
+        out, commitment, codebook_loss = _StraightThrough.apply(z, flat, self.codes(), indices)
+        if self.rotation_trick:  # the same value, the gradient through the rotation instead
+            out = rotate_onto(z, out.detach())
         if self.ema:  # the codebook follows the EMA, not a loss
             codebook_loss = torch.zeros((), device=z.device, dtype=commitment.dtype)
         return QuantizerOutput(
-            quantized=out,
+            quantized=self.from_code_space(out),
             indices=indices.view(b, h, w),
             loss=codebook_loss + self.beta * commitment,
             codebook_loss=codebook_loss,
@@ -291,6 +365,8 @@ class VectorQuantizer(nn.Module):
     def _kmeans_init(self, flat: torch.Tensor) -> None:
         """k-means on this batch; under DDP rank 0's centres go to every rank."""
         centres = kmeans(flat, self.num_embeddings, self.kmeans_iters, self.generator)
+        if self.l2_normalize:
+            centres = F.normalize(centres, dim=1)
         dist.broadcast_(centres)
         self.embedding.data.copy_(centres)
         if self.ema:
@@ -305,7 +381,8 @@ class VectorQuantizer(nn.Module):
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.ema_count.sum()
         smoothed = (self.ema_count + self.eps) / (total + self.num_embeddings * self.eps) * total
-        self.embedding.copy_(self.ema_sum / smoothed[:, None])
+        codes = self.ema_sum / smoothed[:, None]
+        self.embedding.copy_(F.normalize(codes, dim=1) if self.l2_normalize else codes)
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
