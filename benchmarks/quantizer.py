@@ -20,6 +20,15 @@ full distance matrix, one-hot scatter, one-hot matmul); and ``vector_quantize_py
 ``VectorQuantize`` (EMA decay 0.99, commitment 0.25, plain straight-through: rotation trick
 off; ``pip install 'vqtok[bench]'``).
 
+With ``--family`` the candidates are the quantizer family instead, each against vqtok's vq
+(EMA) at the same K (column ``x vq``): codebook_dim 8, codebook_dim 8 + l2, the rotation
+trick, rvq depth 4 (with and without codebook_dim 8; its ``x vq`` is per stage, since it
+does depth searches) and fsq with prod(levels) = K reached through 1x1 convs from and to D
+(``FSQ_LEVELS``). Issue 13's targets: ``x vq`` <= 1.5 at every K, peak extra <= 300 MiB at
+K = 65,536 for vq and rvq with and without codebook_dim.
+
+    python benchmarks/quantizer.py --family --threads 2 --out runs/quantizer-family
+
 Peak extra memory: each (candidate, K) runs in a fresh subprocess that builds its inputs,
 runs one small warm-up step (so lazily initialised library state is not counted), resets the
 kernel's peak-RSS mark (``echo 5 > /proc/self/clear_refs``), runs one full step and reports
@@ -51,17 +60,35 @@ from typing import Any
 
 import torch
 from lecture_vq import LectureQuantizer
+from vqtok.tokenizer.quantizers import (
+    FiniteScalarQuantizer,
+    QuantizerOutput,
+    ResidualVectorQuantizer,
+)
 from vqtok.tokenizer.quantizers.vq import CPU_BLOCK_BYTES, CPU_MIN_BLOCK_ROWS, VectorQuantizer
 
 CANDIDATES = ("limit", "vqtok-noema", "vqtok-ema", "lecture", "vqlib")
+#: The quantizer family (``--family``), each timed against vqtok-ema at the same K.
+FAMILY = ("vqtok-cdim8", "vqtok-cdim8-l2", "vqtok-rotation", "vqtok-rvq4", "vqtok-rvq4-cdim8",
+          "fsq")
 LABELS = {
     "limit": "GEMM + argmin (limit)",
     "vqtok-noema": "vqtok, ema=False",
     "vqtok-ema": "vqtok, EMA (default)",
     "lecture": "lecture",
     "vqlib": "vector-quantize-pytorch",
+    "vqtok-cdim8": "vq, codebook_dim 8",
+    "vqtok-cdim8-l2": "vq, codebook_dim 8 + l2",
+    "vqtok-rotation": "vq, rotation trick",
+    "vqtok-rvq4": "rvq, depth 4",
+    "vqtok-rvq4-cdim8": "rvq, depth 4, cdim 8",
+    "fsq": "fsq (+ 1x1 convs 64->d->64)",
 }
-TARGETS = {"vs_limit_at_512": 1.3, "speedup_vs_lecture_at_512": 2.5, "extra_mib_at_65536": 300}
+#: fsq levels with prod(levels) = K, for the Ks this benchmark is run at.
+FSQ_LEVELS = {512: [8, 8, 8], 8192: [8, 8, 8, 4, 4], 65536: [8, 8, 8, 8, 4, 4]}
+STAGES = {"vqtok-rvq4": 4, "vqtok-rvq4-cdim8": 4}  # work per step is per stage: ratios too
+TARGETS = {"vs_limit_at_512": 1.3, "speedup_vs_lecture_at_512": 2.5, "extra_mib_at_65536": 300,
+           "family_x_vq": 1.5}
 MIB = 2**20
 FULL_BLOCK_LIMIT = 2 * 2**30
 GRID = 8  # z is (N / 64, D, 8, 8)
@@ -104,12 +131,39 @@ def _module(name: str, k: int, dim: int) -> torch.nn.Module:
         return VectorQuantizer(k, dim, kmeans_init=False).train()
     if name == "lecture":
         return LectureQuantizer(k, dim).train()
+    family = {"vqtok-cdim8": {"codebook_dim": 8},
+              "vqtok-cdim8-l2": {"codebook_dim": 8, "l2_normalize": True},
+              "vqtok-rotation": {"rotation_trick": True}}
+    if name in family:
+        return VectorQuantizer(k, dim, kmeans_init=False, **family[name]).train()
+    if name in STAGES:
+        options = {"codebook_dim": 8} if name.endswith("cdim8") else {}
+        return ResidualVectorQuantizer(k, dim, depth=STAGES[name], kmeans_init=False,
+                                       **options).train()
+    if name == "fsq":
+        return _ProjectedFSQ(dim, FSQ_LEVELS[k]).train()
     if name == "vqlib":
         from vector_quantize_pytorch import VectorQuantize
 
         return VectorQuantize(dim=dim, codebook_size=k, decay=0.99, commitment_weight=0.25,
                               rotation_trick=False, accept_image_fmap=True).train()
     raise ValueError(name)
+
+
+class _ProjectedFSQ(torch.nn.Module):
+    """FSQ reached from D-wide vectors the way a model reaches it (1x1 convs to len(levels)
+    and back), so it takes and gives what the other candidates do."""
+
+    def __init__(self, dim: int, levels: list[int]) -> None:
+        super().__init__()
+        self.down = torch.nn.Conv2d(dim, len(levels), 1)
+        self.fsq = FiniteScalarQuantizer(levels)
+        self.up = torch.nn.Conv2d(len(levels), dim, 1)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        out = self.fsq(self.down(z))
+        return QuantizerOutput(self.up(out.quantized), out.indices, out.loss,
+                               out.codebook_loss, out.commitment_loss)
 
 
 def _train_step(name: str, module: torch.nn.Module, z: torch.Tensor,
@@ -123,7 +177,10 @@ def _train_step(name: str, module: torch.nn.Module, z: torch.Tensor,
             quantized, _, loss = out
         else:
             quantized, loss = out.quantized, out.loss
-        torch.autograd.backward((quantized, loss), (upstream, one))
+        if loss.requires_grad:
+            torch.autograd.backward((quantized, loss), (upstream, one))
+        else:  # fsq: no codebook or commitment loss
+            quantized.backward(upstream)
 
     return step
 
@@ -264,11 +321,14 @@ def run_k(k: int, n: int, dim: int, reps: int, threads: int | None,
     key = {"wall": "seconds", "cpu": "cpu_seconds"}[clock_key]
     limit = result["candidates"].get("limit", {}).get(key)
     lecture = result["candidates"].get("lecture", {}).get(key)
-    for entry in result["candidates"].values():
+    vq = result["candidates"].get("vqtok-ema", {}).get(key)
+    for name, entry in result["candidates"].items():
         if key in entry and limit:
             entry["x_limit"] = entry[key] / limit
         if key in entry and lecture:
             entry["speedup_vs_lecture"] = lecture / entry[key]
+        if key in entry and vq and name in FAMILY:
+            entry["x_vq"] = entry[key] / vq / STAGES.get(name, 1)
     return result
 
 
@@ -296,17 +356,18 @@ def _fmt_memory(entry: dict[str, Any]) -> str:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"\n{'K':>6}  {'quantizer':<26}{'wall ms':>10}{'CPU ms':>10}{'x limit':>9}"
-          f"{'vs lecture':>12}{'peak extra':>22}")
+    print(f"\n{'K':>6}  {'quantizer':<28}{'wall ms':>10}{'CPU ms':>10}{'x limit':>9}"
+          f"{'vs lecture':>12}{'x vq':>7}{'peak extra':>22}")
     for r in results:
         for name, e in r["candidates"].items():
             ms = f"{e['seconds'] * 1000:,.1f}" if "seconds" in e else "not run"
             cpu = f"{e['cpu_seconds'] * 1000:,.1f}" if "cpu_seconds" in e else "-"
             xl = f"{e['x_limit']:.2f}" if "x_limit" in e else "-"
             vs = f"{e['speedup_vs_lecture']:.2f}x" if "speedup_vs_lecture" in e else "-"
+            xv = f"{e['x_vq']:.2f}" if "x_vq" in e else "-"
             label = LABELS[name] + (" (fwd)" if name == "limit" else "")
             mem = "-" if name == "limit" else _fmt_memory(e)
-            print(f"{r['k']:>6}  {label:<26}{ms:>10}{cpu:>10}{xl:>9}{vs:>12}{mem:>22}")
+            print(f"{r['k']:>6}  {label:<28}{ms:>10}{cpu:>10}{xl:>9}{vs:>12}{xv:>7}{mem:>22}")
     for r in results:
         for name, e in r["candidates"].items():
             if "skipped" in e:
@@ -329,11 +390,17 @@ def check_targets(results: list[dict[str, Any]]) -> dict[str, Any]:
                 met[f"{name}_speedup_vs_lecture_at_512"] = (
                     e["speedup_vs_lecture"] >= TARGETS["speedup_vs_lecture_at_512"])
     if 65536 in by_k:
-        for name in ("vqtok-noema", "vqtok-ema"):
+        for name in ("vqtok-noema", "vqtok-ema", "vqtok-cdim8", "vqtok-rvq4",
+                     "vqtok-rvq4-cdim8"):
             e = by_k[65536].get(name, {})
             if "extra_bytes" in e:
                 met[f"{name}_extra_mib_at_65536"] = (
                     e["extra_bytes"] / MIB <= TARGETS["extra_mib_at_65536"])
+    for k, candidates in by_k.items():  # issue 13: every kind within 1.5x of vq (per stage)
+        for name in FAMILY:
+            e = candidates.get(name, {})
+            if "x_vq" in e:
+                met[f"{name}_x_vq_at_{k}"] = e["x_vq"] <= TARGETS["family_x_vq"]
     return met
 
 
@@ -345,12 +412,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES),
-                        choices=CANDIDATES)
+                        choices=CANDIDATES + FAMILY)
+    parser.add_argument("--family", action="store_true", help="time the quantizer family "
+                        "(fsq, rvq, codebook_dim, l2, rotation trick) against vqtok's vq: "
+                        "the candidates become vqtok-ema and " + ", ".join(FAMILY))
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="which median the ratios use (cpu: steadier on a shared machine)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", default="runs/quantizer-bench")
-    parser.add_argument("--memory-probe", choices=CANDIDATES[1:], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", choices=CANDIDATES[1:] + FAMILY,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.n % (GRID * GRID):
         parser.error(f"--n must be a multiple of {GRID * GRID}")
@@ -359,7 +430,9 @@ def main() -> None:
     if args.memory_probe:
         print(json.dumps(measure_memory_here(args.memory_probe, args.ks[0], args.n, args.dim)))
         return
-    names = [c for c in CANDIDATES if c in args.candidates]
+    if args.family:
+        args.candidates = ["vqtok-ema", *FAMILY]
+    names = [c for c in CANDIDATES + FAMILY if c in args.candidates]
     if "vqlib" in names:
         try:
             import vector_quantize_pytorch  # noqa: F401
@@ -372,7 +445,8 @@ def main() -> None:
     results = []
     for k in args.ks:
         reps = args.reps if k <= 8192 else max(2, args.reps // 2)
-        print(f"K = {k}: {reps} interleaved repetitions ...", flush=True)
+        print(f"K = {k}: {'memory probes, then ' if not args.skip_memory else ''}{reps} "
+              "interleaved repetitions ...", flush=True)
         results.append(run_k(k, args.n, args.dim, reps, args.threads, not args.skip_memory,
                              names, args.clock))
     extrapolate(results)

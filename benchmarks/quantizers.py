@@ -216,6 +216,8 @@ def main() -> None:
                              "train_seconds": round(seconds[kind], 1)})
                 print(f"  {kind}: PSNR {figures['psnr']:.2f} dB (baseline "
                       f"{figures['baseline_psnr']:.2f}), usage {figures['usage']}", flush=True)
+            # Rows so far, so a long run that is stopped still leaves its figures.
+            (out / "quantizers.partial.json").write_text(json.dumps(rows, indent=2))
     print(f"\n{'dataset':<7}{'seed':>5} {'kind':<17}{'PSNR dB':>8}{'base':>7}{'bits/img':>9}"
           f"{'train s':>8}  usage per level / perplexity per level")
     for r in rows:

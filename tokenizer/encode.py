@@ -39,7 +39,8 @@ def encode_ids(
     start = 0
     with torch.inference_mode():
         for images, labels in iterate_batches(source, ids, batch_size, num_workers,
-                                              pin=accel.pin_memory, prefetch=accel.prefetch):
+                                              pin=accel.pin_memory, prefetch=accel.prefetch,
+                                              worker_nice=accel.worker_nice):
             images = accel.to_device(images)
             single = len(images) == 1
             if single:

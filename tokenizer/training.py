@@ -410,7 +410,7 @@ def train(
             shares = [dist.shard_batch(batch, rank, world) for batch in global_batches]
             for (images, _), batch in zip(
                 iterate_id_batches(source, shares, config.train.num_workers,
-                                   accel.pin_memory, accel.prefetch),
+                                   accel.pin_memory, accel.prefetch, accel.worker_nice),
                 global_batches, strict=False,
             ):
                 images = accel.to_device(images)

@@ -1,5 +1,5 @@
-"""Batches of a source: id batches, DataLoader workers (whose errors name the file), and a
-prefetching thread that overlaps loading with the model's work."""
+"""Batches of a source: id batches, DataLoader workers (``workers``; their errors name the
+file), and a prefetching thread that overlaps loading with the model's work."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
 from .base import ImageSource
+from .workers import worker_batches
 
 T = TypeVar("T")
 
@@ -37,32 +38,35 @@ def split_batches(ids: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 def iterate_batches(
     source: ImageSource, ids: np.ndarray, batch_size: int, num_workers: int = 0,
-    pin: bool = False, prefetch: int = 0,
+    pin: bool = False, prefetch: int = 0, worker_nice: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) batches in the order of ``ids``; see ``iterate_id_batches``."""
     yield from iterate_id_batches(source, split_batches(ids, batch_size), num_workers, pin,
-                                  prefetch)
+                                  prefetch, worker_nice)
 
 
 def iterate_id_batches(
     source: ImageSource, batches: Sequence[np.ndarray], num_workers: int = 0,
-    pin: bool = False, prefetch: int = 0,
+    pin: bool = False, prefetch: int = 0, worker_nice: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) for each array of ids, in order.
 
-    ``num_workers`` > 0 loads in DataLoader worker processes (for decoding image files);
-    otherwise ``prefetch`` > 0 loads up to that many batches ahead in a background thread, so
-    loading overlaps compute (tensor indexing releases the GIL). ``pin`` puts batches in
-    page-locked memory for non-blocking copies to a GPU.
+    ``num_workers`` > 0 loads in DataLoader worker processes (for decoding image files), run
+    ``worker_nice`` steps below this process's priority (``Accel.worker_nice``) and kept for
+    the next pass over the same source (``workers``); otherwise
+    ``prefetch`` > 0 loads up to that many batches ahead in a background thread, so loading
+    overlaps compute (tensor indexing releases the GIL). ``pin`` puts batches in page-locked
+    memory for non-blocking copies to a GPU.
     """
-    dataset = _Batches(source, batches)
-    if num_workers > 0 or (pin and prefetch == 0):
-        loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
-                            prefetch_factor=max(prefetch, 2) if num_workers else None)
+    if num_workers > 0:
         try:
-            yield from loader
+            yield from worker_batches(source, batches, num_workers, pin, prefetch, worker_nice)
         except DataError as exc:
             raise DataError(_worker_message(str(exc))) from None
+        return
+    dataset = _Batches(source, batches)
+    if pin and prefetch == 0:
+        yield from DataLoader(dataset, batch_size=None, pin_memory=True)
         return
     items = (_pinned(dataset[i]) if pin else dataset[i] for i in range(len(dataset)))
     if prefetch > 0:
