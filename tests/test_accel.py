@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from vqtok.tokenizer import load_tokenizer, open_source, train
-from vqtok.tokenizer.accel import Accel, encode_batch_size, fit_batch_size
+from vqtok.tokenizer.accel import CPU_WORKER_NICE, Accel, encode_batch_size, fit_batch_size
 from vqtok.tokenizer.encode import encode_ids
 from vqtok.tokenizer.quantizers.vq import nearest_code
 from vqtok.tokenizer.sources import iterate_batches, prefetched
@@ -24,11 +24,12 @@ def quiet_train(config, out, **kwargs):
 
 
 def test_defaults_turn_everything_on_for_cuda_only(monkeypatch):
-    assert Accel.for_device("cpu") == Accel(CPU)
+    # On CPU only the DataLoader workers change: niced below the model's threads.
+    assert Accel.for_device("cpu") == Accel(CPU, worker_nice=CPU_WORKER_NICE)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     gpu = Accel.for_device("cuda:1")
-    assert (gpu.amp_dtype, gpu.channels_last, gpu.pin_memory, gpu.prefetch) == (
-        torch.bfloat16, True, True, 2)
+    assert (gpu.amp_dtype, gpu.channels_last, gpu.pin_memory, gpu.prefetch,
+            gpu.worker_nice) == (torch.bfloat16, True, True, 2, 0)
     assert Accel.for_device("cuda", amp=False).amp_dtype is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a V100
     assert Accel.for_device("cuda").amp_dtype == torch.float16
