@@ -70,6 +70,22 @@ def test_decode_takes_the_stores_uint16_codes_as_they_are():
         model.decode(codes > 3)
 
 
+def test_decode_takes_load_grids_read_only_numpy_codes_without_a_warning():
+    import warnings
+
+    import numpy as np
+
+    model = small()
+    codes = model.encode(torch.rand(3, 1, 16, 16))
+    stored = codes.numpy().astype(np.uint16)
+    stored.flags.writeable = False  # what storage.load_grid returns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "not writable" warning would fail here
+        assert torch.equal(model.decode(stored), model.decode(codes))
+    with pytest.raises(TypeError, match="integer array, got float32"):
+        model.decode(stored.astype(np.float32))
+
+
 def test_encode_ids_gives_the_same_codes_whatever_the_batch_size(tmp_path):
     """Batch 1 included: encode_ids encodes a lone image as a batch of two copies, since
     PyTorch's CPU convolutions round differently for a single image (see encode_ids)."""

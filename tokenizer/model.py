@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -188,13 +189,17 @@ class VQVAE(nn.Module):
         return self.quantizer.encode(self.latent(x).float())
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode(self, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(B, h, w) code indices of any integer dtype -> (B, C, H, W) images in [0, 1];
         (B, h, w, depth) for depth > 1.
 
-        Token stores keep codes as uint16 (K <= 65,536), so ``torch.from_numpy`` of their
-        arrays is accepted as it is.
+        Token stores keep codes as uint16 (K <= 65,536): their arrays (read-only numpy, as
+        ``load_grid`` gives them) and ``torch.from_numpy`` of them are accepted as they are.
         """
+        if isinstance(codes, np.ndarray):
+            if codes.dtype.kind not in "iu":
+                raise TypeError(f"codes must be an integer array, got {codes.dtype}")
+            codes = torch.from_numpy(codes.astype(np.int64))  # a copy: read-only arrays too
         if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
             raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
         depth = self.depth
