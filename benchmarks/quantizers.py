@@ -46,9 +46,14 @@ KINDS: dict[str, dict[str, Any]] = {
     "vq-16384-d8-l2": {"model.num_embeddings": 16384, "quantizer.codebook_dim": 8,
                        "quantizer.l2_normalize": True},
     "fsq-88865": {"quantizer.kind": "fsq", "quantizer.levels": [8, 8, 8, 6, 5]},
+    # The ceiling at this budget: the same encoder and decoder, never quantized (vq-512's
+    # config; its quantizer is skipped in training and in measuring).
+    "autoencoder": {},
 }
-DATASETS = {"mnist": list(KINDS), "cifar": ["vq-512", "fsq-888", "vq-512-d8-l2",
-                                            "vq-512-rotation", "rvq-4x512"]}
+UNQUANTIZED = {"autoencoder"}
+DATASETS = {"mnist": [k for k in KINDS if k not in UNQUANTIZED],
+            "cifar": ["vq-512", "fsq-888", "vq-512-d8-l2", "vq-512-rotation", "rvq-4x512"]}
+# --kinds may add "autoencoder" to either dataset.
 
 
 def budgets(args: argparse.Namespace) -> dict[str, tuple[Config, np.ndarray, np.ndarray, int]]:
@@ -108,7 +113,7 @@ def train_side_by_side(models: dict[str, Any], configs: dict[str, Config], sourc
             x, _ = source.load_batch(order[start : start + batch])
             for name, model in models.items():
                 t0 = time.perf_counter()
-                loss = model(x, quantize=step >= warmup).loss
+                loss = model(x, quantize=step >= warmup and name not in UNQUANTIZED).loss
                 optimizers[name].zero_grad(set_to_none=True)
                 loss.backward()
                 optimizers[name].step()
@@ -121,8 +126,10 @@ def train_side_by_side(models: dict[str, Any], configs: dict[str, Config], sourc
 
 
 @torch.no_grad()
-def measure(model: Any, source: Any, ids: np.ndarray, baseline: torch.Tensor) -> dict[str, Any]:
-    """Held-out PSNR (and the baseline's), usage and perplexity per level, bits per image."""
+def measure(model: Any, source: Any, ids: np.ndarray, baseline: torch.Tensor,
+            quantized: bool = True) -> dict[str, Any]:
+    """Held-out PSNR (and the baseline's), usage and perplexity per level, bits per image;
+    ``quantized`` False: PSNR of the unquantized path (the autoencoder ceiling)."""
     model.eval()
     sq = base_sq = 0.0
     pixels = 0
@@ -131,7 +138,8 @@ def measure(model: Any, source: Any, ids: np.ndarray, baseline: torch.Tensor) ->
     for start in range(0, len(ids), 1000):
         x, _ = source.load_batch(ids[start : start + 1000])
         codes = model.encode(x)
-        reconstruction = model.decode(codes)
+        reconstruction = (model.decode(codes) if quantized
+                          else model(x, quantize=False).reconstruction.float())
         sq += float(((reconstruction - x) ** 2).sum())
         base_sq += float(((baseline - x) ** 2).sum())
         pixels += x.numel()
@@ -188,7 +196,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--datasets", default="mnist,cifar")
-    parser.add_argument("--kinds", default=None, help="comma-separated subset of the kinds")
+    parser.add_argument("--kinds", default=None, help="comma-separated kinds (default: each "
+                        "dataset's set; autoencoder: the unquantized ceiling)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
     args = parser.parse_args()
     args.datasets = args.datasets.split(",")
@@ -198,7 +207,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for dataset, (base, train_ids, test_ids, epochs) in budgets(args).items():
-        kinds = [k for k in DATASETS[dataset] if not args.kinds or k in args.kinds.split(",")]
+        kinds = ([k for k in KINDS if k in args.kinds.split(",")] if args.kinds
+                 else DATASETS[dataset])
         source = open_source(base.data)
         baseline = training_mean(source, train_ids)
         for seed in parse_seeds(args.seeds):
@@ -211,7 +221,8 @@ def main() -> None:
             seconds = train_side_by_side(models, configs, source, train_ids, epochs, seed,
                                          args.max_steps)
             for kind, model in models.items():
-                figures = measure(model, source, test_ids, baseline)
+                figures = measure(model, source, test_ids, baseline,
+                                  quantized=kind not in UNQUANTIZED)
                 rows.append({"dataset": dataset, "seed": seed, "kind": kind, **figures,
                              "train_seconds": round(seconds[kind], 1)})
                 print(f"  {kind}: PSNR {figures['psnr']:.2f} dB (baseline "
