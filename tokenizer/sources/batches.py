@@ -10,26 +10,13 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..errors import DataError
 from .base import ImageSource
-from .workers import worker_batches
+from .workers import IdBatches, worker_batches
 
 T = TypeVar("T")
-
-
-class _Batches(Dataset):
-    """One item per batch of ids, so DataLoader workers can assemble whole batches."""
-
-    def __init__(self, source: ImageSource, batches: Sequence[np.ndarray]) -> None:
-        self.source, self.batches = source, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.source.load_batch(self.batches[i])
 
 
 def split_batches(ids: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -64,11 +51,12 @@ def iterate_id_batches(
         except DataError as exc:
             raise DataError(_worker_message(str(exc))) from None
         return
-    dataset = _Batches(source, batches)
-    if pin and prefetch == 0:
-        yield from DataLoader(dataset, batch_size=None, pin_memory=True)
+    if pin and prefetch == 0:  # torch's pinning thread, no worker processes
+        yield from DataLoader(IdBatches(source), batch_size=None, sampler=list(batches),
+                              pin_memory=True)
         return
-    items = (_pinned(dataset[i]) if pin else dataset[i] for i in range(len(dataset)))
+    loaded = (source.load_batch(ids) for ids in batches)
+    items = (_pinned(batch) for batch in loaded) if pin else loaded
     if prefetch > 0:
         yield from prefetched(items, prefetch)
     else:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .base import ImageSource
 
 
-class _IdBatches(Dataset):
+class IdBatches(Dataset):
     """Items are whole batches, addressed by their id arrays (what the sampler yields)."""
 
     def __init__(self, source: ImageSource) -> None:
@@ -63,7 +63,7 @@ class _Pool:
         self.source, self.settings = source, settings
         self.sampler = _Refillable()
         self.loader = DataLoader(
-            _IdBatches(source), batch_size=None, sampler=self.sampler,
+            IdBatches(source), batch_size=None, sampler=self.sampler,
             num_workers=settings.num_workers, pin_memory=settings.pin,
             prefetch_factor=max(settings.prefetch, 2), persistent_workers=True,
             worker_init_fn=functools.partial(_lower_priority, settings.nice)
