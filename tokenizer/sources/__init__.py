@@ -7,6 +7,8 @@ format gives, ``batches`` how training and encoding read it. Formats that keep i
 encoded files share ``decoding`` (bytes to tensors) and ``labels`` (class ids checked);
 those stored as many files (``webdataset``, ``parquet_images``) share ``shards`` (patterns,
 fingerprints, splits by file name) and ``handles`` (files opened per process, never pickled).
+``identity``: what each format's key, stamp and content hash of an image are built from, for
+token stores that re-encode only the images that changed.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from ..errors import DataError
+from .identity import positions_array, sha256_hex
 
 DEFAULT_DATA_ROOT = Path(os.environ.get("VQTOK_DATA", "~/.cache/vqtok/data")).expanduser()
 
@@ -32,11 +33,14 @@ def _sha256_files(paths: Sequence[Path]) -> str:
 
 
 class ImageSource(Dataset):
-    """Base: subclasses fill ``splits``, ``name``, ``fingerprint`` and ``_load``."""
+    """Base: subclasses fill ``splits``, ``split_rule``, ``name``, ``fingerprint``,
+    ``load_batch`` and the identity of each image (``item_keys``, ``item_stamps``,
+    ``content_hashes``; see ``identity``)."""
 
     name: str
     fingerprint: str
     splits: dict[str, np.ndarray]
+    split_rule: bool  # splits are holdout_splits' (every tenth id), not the source's own
     channels: int
     image_size: int
 
@@ -49,6 +53,21 @@ class ImageSource(Dataset):
 
     def load_batch(self, ids: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) float in [0, 1] and labels (B,) int64 for these ids."""
+        raise NotImplementedError
+
+    def item_keys(self) -> list[str]:
+        """One key per position (the index load_batch takes), stable across runs for the same
+        image location."""
+        raise NotImplementedError
+
+    def item_stamps(self) -> list[str] | None:
+        """Per position, a cheap string that changes whenever the stored bytes may have
+        changed (size and mtime_ns of the file holding the image); None without files."""
+        raise NotImplementedError
+
+    def content_hashes(self, positions: Sequence[int] | np.ndarray) -> list[str]:
+        """sha256 hex digest of each position's stored image bytes (encoded files as stored,
+        not decoded pixels)."""
         raise NotImplementedError
 
     def split_ids(self, split: str) -> np.ndarray:
@@ -70,8 +89,11 @@ class ArraySource(ImageSource):
         name: str,
         fingerprint: str,
         cfg: DataConfig,
+        *,
+        split_rule: bool = True,
     ) -> None:
         self.name, self.fingerprint, self.splits = name, fingerprint, splits
+        self.split_rule = split_rule  # False where the caller gives the format's own splits
         self.channels, self.image_size = cfg.channels, cfg.image_size
         self.images = _conform(images, cfg, name)
         self.labels = labels.long()
@@ -79,6 +101,18 @@ class ArraySource(ImageSource):
     def load_batch(self, ids: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(np.array(ids, dtype=np.int64))
         return self.images[idx].float().div_(255), self.labels[idx]
+
+    def item_keys(self) -> list[str]:
+        return [str(i) for i in range(len(self.images))]
+
+    def item_stamps(self) -> None:
+        return None  # no file per image; hashing the array is as cheap as a stat
+
+    def content_hashes(self, positions: Sequence[int] | np.ndarray) -> list[str]:
+        """sha256 of the conformed uint8 image served (channels and size as configured)."""
+        array = self.images.numpy()  # contiguous (_conform), so each row is one buffer
+        ids = positions_array(positions, len(array))
+        return [sha256_hex(np.ascontiguousarray(array[i]).data) for i in ids]
 
 
 def _conform(images: torch.Tensor, cfg: DataConfig, where: str) -> torch.Tensor:

@@ -42,5 +42,5 @@ def cifar10(root: Path, cfg: DataConfig) -> ArraySource:
     splits = {"train": ids[:n_train], "test": ids[n_train:]}
     return ArraySource(
         torch.from_numpy(images.copy()), torch.from_numpy(labels), splits,
-        "cifar10", _sha256_files(files), cfg,
+        "cifar10", _sha256_files(files), cfg, split_rule=False,
     )

@@ -67,7 +67,7 @@ def idx_source(name: str, folder: str, root: Path, cfg: DataConfig) -> ArraySour
     splits = {"train": ids[:n_train], "test": ids[n_train:]}
     return ArraySource(
         torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), splits,
-        name, _sha256_files(paths), cfg,  # type: ignore[arg-type]
+        name, _sha256_files(paths), cfg, split_rule=False,  # type: ignore[arg-type]
     )
 
 

@@ -14,6 +14,7 @@ from ..errors import DataError
 from ..splits import holdout_splits
 from .base import ImageSource
 from .decoding import read_array, to_batch
+from .identity import positions_array, sha256_hex, stamp
 from .shards import files_fingerprint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -49,7 +50,7 @@ class ImageFolderSource(ImageSource):
         self.root, self.cfg = root, cfg
         self.name = f"imagefolder:{root}"
         self.channels, self.image_size = cfg.channels, cfg.image_size
-        self.splits = holdout_splits(len(files))
+        self.splits, self.split_rule = holdout_splits(len(files)), True
         self.fingerprint = files_fingerprint(files, root)
 
     def load_batch(self, ids: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,3 +60,21 @@ class ImageFolderSource(ImageSource):
                                                                                  strict=True)]
         images = to_batch(arrays, self.cfg, wheres).float().div_(255)
         return images, torch.from_numpy(self.labels[ids])
+
+    def item_keys(self) -> list[str]:
+        return [p.relative_to(self.root).as_posix() for p in self.files]
+
+    def item_stamps(self) -> list[str]:
+        return [stamp(p) for p in self.files]
+
+    def content_hashes(self, positions: Sequence[int] | np.ndarray) -> list[str]:
+        return [sha256_hex(_read_bytes(self.files[i]))
+                for i in positions_array(positions, len(self.files))]
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc}); the folder changed "
+                        "since it was opened, open it again") from None

@@ -10,6 +10,7 @@ process (the ids of a batch are usually neighbours). ``PATH``: a file, a folder 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,16 @@ from ..errors import DataError
 from .base import ImageSource
 from .decoding import read_array, to_batch
 from .handles import ProcessCache
+from .identity import grouped, positions_array, repeated_stamps, sha256_hex
 from .labels import class_ids
-from .shards import common_parent, files_fingerprint, make_splits, match_files, settings_key
+from .shards import (
+    below,
+    common_parent,
+    files_fingerprint,
+    make_splits,
+    match_files,
+    settings_key,
+)
 
 IMAGE_COLUMN, LABEL_COLUMN = "image", "label"
 OPEN_FILES, ROW_GROUPS = 16, 2  # kept per process
@@ -113,7 +122,7 @@ class ParquetImageSource(ImageSource):
             raise DataError(f"{self.name}: image files are read as 1 or 3 channels, the config "
                             f"has data.channels {cfg.channels}; set 1 or 3")
         files, root = parquet_files(spec)
-        self.files, self.cfg = files, cfg
+        self.files, self.root, self.cfg = files, root, cfg
         self.image_column = cfg.image_key or IMAGE_COLUMN
         self.channels, self.image_size = cfg.channels, cfg.image_size
         kinds, counts, group_rows, group_file, labels = [], [], [], [], []
@@ -139,6 +148,7 @@ class ParquetImageSource(ImageSource):
             np.int32)
         self.labels = np.concatenate(labels)
         self.splits = make_splits(counts, files, root, cfg, what="file")
+        self.split_rule = cfg.split_by == "rule"
         self.fingerprint = files_fingerprint(files, root, settings_key(cfg))
         self._open_files = ProcessCache(OPEN_FILES)
         self._groups = ProcessCache(ROW_GROUPS)
@@ -152,26 +162,32 @@ class ParquetImageSource(ImageSource):
 
     def _image(self, group: int, i: int) -> tuple[np.ndarray, str]:
         images, paths = self._groups.get(group, lambda: self._read_group(group))
-        file = int(self._group_file[group])
-        path, row = self.files[file], i - int(self._file_starts[file])
-        where = f"{path}: row {row} (id {i})"
+        where = self._where(group, i)
         data = images[i - int(self._group_starts[group])].as_py()
         if data is None:
-            named = paths[i - int(self._group_starts[group])].as_py() if paths else None
-            hint = f" (it names {named!r} but holds no bytes)" if named else ""
-            raise DataError(f"{where}: image is null{hint}; fix or remove the row")
+            raise _null_image(where, paths, i - int(self._group_starts[group]))
         return read_array(data, self.cfg, where), where
 
+    def _where(self, group: int, i: int) -> str:
+        file = int(self._group_file[group])
+        return f"{self.files[file]}: row {i - int(self._file_starts[file])} (id {i})"
+
     def _read_group(self, group: int) -> tuple[Any, Any]:
-        """The image bytes of one row group (and the paths beside them, for messages)."""
+        """The image bytes of one row group (and the paths beside them, for messages), from
+        the file this process keeps open."""
+        file = int(self._group_file[group])
+        with self._open_files.lock:
+            pf = self._open_files.get(file, lambda: _open(self.files[file]))
+            return self._group_images(pf, group)
+
+    def _group_images(self, pf: Any, group: int) -> tuple[Any, Any]:
+        """What ``_read_group`` gives, read from ``pf``, an open handle of the group's file."""
         import pyarrow as pa
 
         file = int(self._group_file[group])
         path, local = self.files[file], int(self._group_local[group])
         try:
-            with self._open_files.lock:
-                pf = self._open_files.get(file, lambda: _open(path))
-                table = pf.read_row_group(local, columns=[self.image_column], use_threads=False)
+            table = pf.read_row_group(local, columns=[self.image_column], use_threads=False)
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f"{path}: cannot read row group {local} ({exc}); fix or remove the "
                             "file") from None
@@ -185,3 +201,45 @@ class ParquetImageSource(ImageSource):
         """Close the files this process has open (they reopen on the next batch)."""
         self._groups.close()
         self._open_files.close()
+
+    def item_keys(self) -> list[str]:
+        """``file#row``: the file's path below the source's root, the row within the file."""
+        keys: list[str] = []
+        for path, count in zip(self.files, np.diff(self._file_starts), strict=True):
+            prefix = below(path, self.root).as_posix()
+            keys.extend(f"{prefix}#{row}" for row in range(int(count)))
+        return keys
+
+    def item_stamps(self) -> list[str]:
+        return repeated_stamps(self.files, np.diff(self._file_starts))
+
+    def content_hashes(self, positions: Sequence[int] | np.ndarray) -> list[str]:
+        """sha256 of each row's image bytes: each file opened once, each row group read once."""
+        ids = positions_array(positions, len(self.labels))
+        groups = np.searchsorted(self._group_starts, ids, side="right") - 1
+        digests = [""] * len(ids)
+        for file, in_file in grouped(self._group_file[groups], ids):
+            with closing(_open(self.files[file])) as pf:
+                for group, picks in grouped(groups[in_file], ids[in_file]):
+                    chosen = in_file[picks]
+                    for k, data in zip(chosen, self._row_bytes(pf, group, ids[chosen]),
+                                       strict=True):
+                        digests[k] = sha256_hex(data)
+        return digests
+
+    def _row_bytes(self, pf: Any, group: int, ids: np.ndarray) -> list[bytes]:
+        """The stored image bytes of these ids, all in one row group."""
+        images, paths = self._group_images(pf, group)
+        rows = ids - self._group_starts[group]
+        values = images.take(rows).to_pylist()
+        for i, row, data in zip(ids, rows, values, strict=True):
+            if data is None:
+                raise _null_image(self._where(group, int(i)), paths, int(row))
+        return values
+
+
+def _null_image(where: str, paths: Any, row: int) -> DataError:
+    """The error for a row without image bytes, with the path it names, if any."""
+    named = paths[row].as_py() if paths else None
+    hint = f" (it names {named!r} but holds no bytes)" if named else ""
+    return DataError(f"{where}: image is null{hint}; fix or remove the row")

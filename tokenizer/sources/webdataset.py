@@ -17,7 +17,7 @@ import json
 import os
 import posixpath
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,8 +30,16 @@ from ..errors import DataError
 from .base import ImageSource
 from .decoding import decode_errors, pil_array, to_batch
 from .handles import ProcessCache
+from .identity import grouped, positions_array, repeated_stamps, sha256_hex
 from .labels import class_id
-from .shards import common_parent, files_fingerprint, make_splits, match_files, settings_key
+from .shards import (
+    below,
+    common_parent,
+    files_fingerprint,
+    make_splits,
+    match_files,
+    settings_key,
+)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # the first a sample has is its image
 OPEN_SHARDS = 64  # file handles kept open per process
@@ -84,13 +92,7 @@ def _refuse_compressed(path: Path, head: bytes) -> None:
 def scan_shard(path: Path, images: Sequence[str], label: LabelKey) -> tuple[np.ndarray, ...]:
     """(data offsets, sizes, labels) of the shard's samples, in the order of their first
     members; the tar's headers are read, its images are not."""
-    try:
-        f = open(path, "rb")  # closed below, with the tar
-    except OSError as exc:
-        raise DataError(f"{path}: cannot open shard ({exc.strerror or exc})") from None
-    with f:
-        _refuse_compressed(path, f.read(8))
-        f.seek(0)
+    with _open_shard(path) as f:
         samples = _members(path, f, images, label)
         offsets = np.empty(len(samples), dtype=np.int64)
         sizes = np.empty(len(samples), dtype=np.int64)
@@ -105,16 +107,52 @@ def scan_shard(path: Path, images: Sequence[str], label: LabelKey) -> tuple[np.n
     return offsets, sizes, labels
 
 
+def sample_keys(path: Path) -> list[str]:
+    """The shard's sample keys, in the order ``scan_shard`` gives its samples: read again
+    when asked, so that no name is kept per sample."""
+    with _open_shard(path) as f:
+        return list(dict.fromkeys(_split_name(info.name)[0] for info in _headers(path, f)))
+
+
+def _open_shard(path: Path) -> BinaryIO:
+    """The shard opened for reading at byte 0; refused when compressed."""
+    try:
+        f = open(path, "rb")  # the caller closes it
+    except OSError as exc:
+        raise DataError(f"{path}: cannot open shard ({exc.strerror or exc})") from None
+    try:
+        _refuse_compressed(path, f.read(8))
+    except DataError:
+        f.close()
+        raise
+    f.seek(0)
+    return f
+
+
 def _members(path: Path, f: BinaryIO, images: Sequence[str],
              label: LabelKey) -> dict[str, _Sample]:
-    """The shard's samples by key, from one pass over its headers; a truncated or corrupt
+    """The shard's samples by key, in the order of their first members."""
+    samples: dict[str, _Sample] = {}
+    for info in _headers(path, f):
+        key, extension = _split_name(info.name)
+        sample = samples.setdefault(key, _Sample(len(samples)))
+        if extension in images:
+            rank = images.index(extension)
+            if sample.image is None or rank < sample.image[0]:
+                sample.image = (rank, info.offset_data, info.size)
+        elif extension == label.extension:
+            sample.label = info
+    return samples
+
+
+def _headers(path: Path, f: BinaryIO) -> Iterator[tarfile.TarInfo]:
+    """The shard's regular members, from one pass over its headers; a truncated or corrupt
     tar is a DataError naming the last member read."""
     size = os.fstat(f.fileno()).st_size
     try:
         tar = tarfile.open(fileobj=f, mode="r:")
     except tarfile.ReadError as exc:
         raise DataError(f"{path}: not a tar file ({exc}); fix or remove the shard") from None
-    samples: dict[str, _Sample] = {}
     last = "(none)"
     while True:
         try:
@@ -129,21 +167,12 @@ def _members(path: Path, f: BinaryIO, images: Sequence[str],
             raise DataError(f"{path}: truncated tar: member {info.name} ends past the end of "
                             "the file; fix or remove the shard")
         last = info.name
-        if not info.isreg():
-            continue
-        key, extension = _split_name(info.name)
-        sample = samples.setdefault(key, _Sample(len(samples)))
-        if extension in images:
-            rank = images.index(extension)
-            if sample.image is None or rank < sample.image[0]:
-                sample.image = (rank, info.offset_data, info.size)
-        elif extension == label.extension:
-            sample.label = info
+        if info.isreg():
+            yield info
     f.seek(tar.offset)
     if f.read(_BLOCK) != bytes(_BLOCK):  # tarfile stops quietly at a cut or damaged header
         raise DataError(f"{path}: truncated or corrupt tar: no valid header after member "
                         f"{last}; fix or remove the shard")
-    return samples
 
 
 def _label(path: Path, f: BinaryIO, key: str, info: tarfile.TarInfo | None,
@@ -197,8 +226,9 @@ class WebDatasetSource(ImageSource):
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._offsets, self._sizes, self.labels = (
             np.concatenate([part[k] for part in scanned]) for k in range(3))
-        root = common_parent(shards)
+        self.root = root = common_parent(shards)
         self.splits = make_splits(counts, shards, root, cfg, what="shard")
+        self.split_rule = cfg.split_by == "rule"
         self.fingerprint = files_fingerprint(shards, root, settings_key(cfg))
         self._files = ProcessCache(OPEN_SHARDS)
 
@@ -231,6 +261,47 @@ class WebDatasetSource(ImageSource):
     def close(self) -> None:
         """Close the shards this process has open (they reopen on the next batch)."""
         self._files.close()
+
+    def item_keys(self) -> list[str]:
+        """``shard/samplekey``, the shard's path below the shards' common folder."""
+        keys: list[str] = []
+        for shard, path in enumerate(self.shards):
+            names = sample_keys(path)
+            if len(names) != self._count(shard):
+                raise DataError(f"{path}: the shard has {len(names)} samples, "
+                                f"{self._count(shard)} when it was opened; open the dataset "
+                                "again")
+            prefix = below(path, self.root).as_posix()
+            keys.extend(f"{prefix}/{name}" for name in names)
+        return keys
+
+    def item_stamps(self) -> list[str]:
+        return repeated_stamps(self.shards, np.diff(self._starts))
+
+    def content_hashes(self, positions: Sequence[int] | np.ndarray) -> list[str]:
+        """sha256 of each image member's bytes: each shard opened once, read in offset
+        order."""
+        ids = positions_array(positions, len(self._offsets))
+        shard_of = np.searchsorted(self._starts, ids, side="right") - 1
+        digests = [""] * len(ids)
+        for shard, picks in grouped(shard_of, self._offsets[ids]):
+            path = self.shards[shard]
+            with _open_shard(path) as f:
+                for k in picks:
+                    digests[k] = sha256_hex(self._member_bytes(f, path, int(ids[k])))
+        return digests
+
+    def _count(self, shard: int) -> int:
+        return int(self._starts[shard + 1] - self._starts[shard])
+
+    def _member_bytes(self, f: BinaryIO, path: Path, i: int) -> bytes:
+        offset, size = int(self._offsets[i]), int(self._sizes[i])
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise DataError(f"{path}: member {_member_at(path, offset)}: the shard is shorter "
+                            "than when it was opened; open the dataset again")
+        return data
 
 
 def _member_at(path: Path, offset: int) -> str:
