@@ -29,6 +29,7 @@ from vqtok.flows.prechecks import (
 )
 from vqtok.storage.layout import DEFAULT_SHARD_SIZE
 from vqtok.storage.layout import FORMATS as STORE_FORMATS
+from vqtok.storage.versions import DEFAULT_KEEP_VERSIONS
 from vqtok.tokenizer.config import ENCODE_BATCH_SIZE
 
 FORMATS = {**{name: [name] for name in STORE_FORMATS}, "both": list(STORE_FORMATS)}
@@ -64,6 +65,11 @@ SHARD = click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT
 QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
 FORCE = click.option("--force", is_flag=True, help="Use a checkpoint its training marked "
                      "unhealthy (reconstructions barely better than the mean image).")
+REENCODE = click.option("--reencode", is_flag=True, help="Encode every image again (say, "
+                        "with another checkpoint) as a new version of the store; ids are kept.")
+KEEP = click.option("--keep-versions", type=click.IntRange(min=1),
+                    default=DEFAULT_KEEP_VERSIONS, show_default=True,
+                    help="Store versions kept on disk (older ones are deleted).")
 
 
 def out_option(default: str, help_text: str) -> Callable[..., Any]:
@@ -136,15 +142,18 @@ def train(config_path: str | None, out: str, quiet: bool, nproc: int,
               "workers) or tcp://HOST:8786 (a running scheduler). Needs vqtok[dask].")
 @QUIET
 @FORCE
+@REENCODE
+@KEEP
 @friendly_errors
 def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
            data_root: str | None, device: str | None, batch_size: int | None, fmt: str,
            shard_size: int, out: str, workers: int, cluster: str | None, quiet: bool,
-           force: bool) -> None:
-    """Encode every split of a dataset into sharded token files (re-runs skip done shards).
+           force: bool, reencode: bool, keep_versions: int) -> None:
+    """Encode every split of a dataset into a versioned token store.
 
-    Without --batch-size: 256 on CPU (``ENCODE_BATCH_SIZE``), the largest power of two that
-    fits on a GPU.
+    Re-running on a dataset that grew, shrank or changed encodes only the new and changed
+    images and publishes a new version; an interrupted run resumes. Without --batch-size:
+    256 on CPU (``ENCODE_BATCH_SIZE``), the largest power of two that fits on a GPU.
     """
     from vqtok.flows.dask_cluster import runner_options
     from vqtok.flows.encode_flow import encode_flow
@@ -163,10 +172,20 @@ def encode(checkpoint: str | None, config_path: str | None, dataset: str | None,
     result = encode_flow(checkpoint=checkpoint, out=out, data=data.model_dump(),
                          formats=FORMATS[fmt], shard_size=shard_size, batch_size=batch_size,
                          device=device or "auto", num_workers=workers, progress=not quiet,
-                         cluster=cluster, force=force)
-    click.echo(f"{result['encoded_images']} images encoded ({result['skipped_shards']} of "
-               f"{result['shards']} shards already done) at {result['images_per_second']:.0f} "
-               f"img/s -> {result['tokens']}")
+                         cluster=cluster, force=force, reencode=reencode,
+                         keep_versions=keep_versions)
+    click.echo(encode_line(result))
+
+
+def encode_line(result: dict[str, Any]) -> str:
+    """The encode summary: what changed, what was encoded, which version readers now see."""
+    if not result["new_version"]:
+        return f"{result['changes']}: version {result['version']} stands -> {result['tokens']}"
+    done = (f", {result['skipped_shards']} of {result['shards']} shards already done"
+            if result["skipped_shards"] else "")
+    return (f"{result['changes']}: {result['encoded_images']} images encoded at "
+            f"{result['images_per_second']:.0f} img/s{done}; version {result['version']} "
+            f"-> {result['tokens']}")
 
 
 @main.command()
@@ -237,10 +256,13 @@ def decode(tokens: str, checkpoint: str | None, out: str, split: str | None, lim
 @click.option("--max-steps", type=click.IntRange(min=1))
 @QUIET
 @FORCE
+@REENCODE
+@KEEP
 @friendly_errors
 def run(config_path: str | None = None, out: str = "runs/demo", checkpoint: str | None = None,
         fmt: str = "both", shard_size: int = DEFAULT_SHARD_SIZE, quiet: bool = False,
-        force: bool = False, **overrides: Any) -> None:
+        force: bool = False, reencode: bool = False,
+        keep_versions: int = DEFAULT_KEEP_VERSIONS, **overrides: Any) -> None:
     """Train (unless --checkpoint), encode, compute stats and decode, then print a summary."""
     from vqtok.flows.pipeline import tokenize_dataset
     from vqtok.flows.summary import print_summary
@@ -257,7 +279,8 @@ def run(config_path: str | None = None, out: str = "runs/demo", checkpoint: str 
     summary = tokenize_dataset(
         config=config.model_dump() if (explicit or not checkpoint) else None, out=out,
         checkpoint=checkpoint, formats=FORMATS[fmt], shard_size=shard_size, batch_size=batch,
-        device=overrides.get("device") or "auto", progress=not quiet, force=force)
+        device=overrides.get("device") or "auto", progress=not quiet, force=force,
+        reencode=reencode, keep_versions=keep_versions)
     print_summary(summary)
 
 

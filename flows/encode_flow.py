@@ -16,13 +16,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from vqtok.flows.errors import located
+from vqtok.flows.incremental import (
+    PreviousShards,
+    VersionPlan,
+    copy_rows,
+    kept_shard,
+    read_plan,
+    source_changes,
+    written_basis,
+)
 from vqtok.flows.progress import image_progress
 from vqtok.flows.retry import retry_on_io_error
 from vqtok.flows.run_folder import RunPaths
@@ -33,9 +45,12 @@ from vqtok.flows.runtime import (
     checkpoint_config,
     token_meta,
 )
-from vqtok.storage import ShardedTokenStore, ShardSpec, TokenMeta
-from vqtok.storage.layout import DEFAULT_SHARD_SIZE
+from vqtok.storage import ShardedTokenStore, ShardSpec, TokenMeta, TokenStoreError
+from vqtok.storage.keymap import KEYMAP_NAME, Changes, KeyMap
+from vqtok.storage.layout import DEFAULT_SHARD_SIZE, bookkeeping_dir, manifest_path
 from vqtok.storage.layout import FORMATS as STORE_FORMATS
+from vqtok.storage.manifest import Manifest
+from vqtok.storage.versions import DEFAULT_KEEP_VERSIONS, StoreVersions, file_suffix
 from vqtok.tokenizer.accel import Accel, encode_batch_size
 from vqtok.tokenizer.config import ENCODE_BATCH_SIZE, DataConfig
 from vqtok.tokenizer.encode import encode_ids
@@ -58,54 +73,89 @@ def _shard_cache_key(_context: Any, params: dict[str, Any]) -> str:
 def encode_shard(
     checkpoint: str, data: dict[str, Any], meta: dict[str, Any], out: str, split: str,
     index: int, shard_size: int, formats: list[str], batch_size: int | None, device: str,
-    num_workers: int = 0, progress: bool = True,
+    num_workers: int = 0, progress: bool = True, file_suffix: str = "",
+    previous: str | None = None,
 ) -> dict[str, Any]:
-    """Encode rows [index * shard_size, ...) of one split and publish the shard atomically.
+    """Write shard ``index`` of ``split`` of the version being built in ``out``, as its
+    plan says (``flows.incremental``), and publish it atomically: kept whole from the
+    ``previous`` version when its rows are, else from kept rows plus newly encoded ones.
 
     ``batch_size`` None picks one that fits this machine's GPU (256 on CPU).
     """
-    data_cfg = DataConfig.model_validate(data)
-    source = cached_source(data_cfg)
-    model = cached_model(checkpoint, device)  # once per process: per Dask worker too
-    accel = Accel.for_device(model.quantizer.codebook.device)
-    if batch_size is None:
-        shape = (source.channels, data_cfg.image_size, data_cfg.image_size)
-        batch_size = encode_batch_size(model, shape, accel, ENCODE_BATCH_SIZE)
-    store = ShardedTokenStore(out, TokenMeta.from_dict(meta), shard_size, formats)
-    ids = source.split_ids(split)
+    store = ShardedTokenStore(out, TokenMeta.from_dict(meta), shard_size, formats,
+                              file_suffix=file_suffix)
+    ids, positions, encode = read_plan(out).rows(split)
     start = index * shard_size
     shard = ShardSpec(split, index, start, min(start + shard_size, len(ids)))
+    result = {"split": split, "index": index, "rows": shard.num_rows, "seconds": 0.0,
+              "encoded": 0, "skipped": True}
     if store.is_complete(shard):
-        return {"split": split, "index": index, "rows": shard.num_rows, "seconds": 0.0,
-                "skipped": True}
+        return result
     started = time.perf_counter()
-    shard_ids = ids[shard.start : shard.stop]
+    rows = slice(shard.start, shard.stop)
+    ids, positions, encode = ids[rows], positions[rows], encode[rows]
+    basis = read_plan(out).basis
+    kept = None if encode.any() or previous is None else kept_shard(
+        previous, basis, split, index, ids, formats, shard_size)
     try:
-        with store.open_shard(shard) as writer, image_progress(
-            f"encode {shard}", len(shard_ids), enabled=progress
-        ) as advance:
-            for codes, batch_ids, labels in encode_ids(model, source, shard_ids, batch_size,
-                                                       num_workers=num_workers, accel=accel):
-                writer.write(codes, batch_ids, labels)
-                advance(len(batch_ids))
-                pause_point("encode-batch-written")  # mid-write: only the temp file exists
+        if kept is not None:
+            store.adopt_shard(shard, kept)
+        else:
+            _write_shard(store, shard, ids, positions, encode, (previous, basis), checkpoint,
+                         data, batch_size, device, num_workers, progress)
     except OSError as exc:  # still an OSError (so retried); now it names the shard
         raise located(exc, store.tokens_dir / str(shard)) from exc
-    seconds = time.perf_counter() - started
     pause_point("encode-shard-published")
-    return {"split": split, "index": index, "rows": shard.num_rows, "seconds": seconds,
+    return {**result, "seconds": time.perf_counter() - started, "encoded": int(encode.sum()),
             "skipped": False}
+
+
+def _write_shard(store: ShardedTokenStore, shard: ShardSpec, ids: np.ndarray,
+                 positions: np.ndarray, encode: np.ndarray,
+                 previous: tuple[str | None, str],
+                 checkpoint: str, data: dict[str, Any], batch_size: int | None, device: str,
+                 num_workers: int, progress: bool) -> None:
+    """Rows copied from the previous version (its root and the plan's basis), the rest
+    encoded, written in id order."""
+    codes = np.empty((len(ids), *store.meta.grid_shape), dtype=store.meta.codes_dtype)
+    labels = np.empty(len(ids), dtype=np.int64)
+    if not encode.all():
+        codes[~encode], labels[~encode] = copy_rows(str(previous[0]), previous[1], shard.split,
+                                                    ids[~encode])
+    if encode.any():
+        data_cfg = DataConfig.model_validate(data)
+        source = cached_source(data_cfg)
+        model = cached_model(checkpoint, device)  # once per process: per Dask worker too
+        accel = Accel.for_device(model.quantizer.codebook.device)
+        if batch_size is None:
+            shape = (source.channels, data_cfg.image_size, data_cfg.image_size)
+            batch_size = encode_batch_size(model, shape, accel, ENCODE_BATCH_SIZE)
+        rows = np.flatnonzero(encode)
+        done = 0
+        with image_progress(f"encode {shard}", len(rows), enabled=progress) as advance:
+            for batch_codes, _, batch_labels in encode_ids(
+                    model, source, positions[rows], batch_size, num_workers=num_workers,
+                    accel=accel):
+                at = rows[done : done + len(batch_codes)]
+                codes[at], labels[at] = batch_codes, batch_labels
+                done += len(batch_codes)
+                advance(len(batch_codes))
+                pause_point("encode-batch-written")  # mid-shard: nothing published yet
+    with store.open_shard(shard) as writer:
+        writer.write(codes, ids, labels)
 
 
 @task(name="finalize-manifest", retries=2, retry_condition_fn=retry_on_io_error,
       retry_delay_seconds=1)
 def finalize_store(out: str, meta: dict[str, Any], shard_size: int, formats: list[str],
-                   splits: dict[str, int]) -> str:
-    store = ShardedTokenStore(out, TokenMeta.from_dict(meta), shard_size, formats)
+                   splits: dict[str, int], file_suffix: str = "",
+                   extra: dict[str, Any] | None = None) -> str:
+    store = ShardedTokenStore(out, TokenMeta.from_dict(meta), shard_size, formats,
+                              file_suffix=file_suffix)
     for split, rows in splits.items():
         store.plan(split, rows)
     try:
-        return str(store.finalize())
+        return str(store.finalize(extra))
     except OSError as exc:
         raise located(exc, store.manifest_path) from exc
 
@@ -140,6 +190,8 @@ def encode_flow(
     progress: bool = True,
     cluster: str | None = None,
     force: bool = False,
+    reencode: bool = False,
+    keep_versions: int = DEFAULT_KEEP_VERSIONS,
 ) -> dict[str, Any]:
     """Encode every split of the dataset (the checkpoint's own unless ``data`` is given).
 
@@ -147,6 +199,12 @@ def encode_flow(
     spreads the shards over Dask workers (``flows.dask_cluster``). ``batch_size`` None fits
     the batch to each machine's GPU. A checkpoint its training marked unhealthy is refused
     unless ``force``.
+
+    The store is versioned (``storage.versions``): a re-run over a dataset that gained,
+    lost or changed images encodes only the added and changed ones and publishes a new
+    version; one over an unchanged dataset changes nothing. Another checkpoint needs a new
+    folder or ``reencode``, which rebuilds every row (ids kept). ``keep_versions`` bounds
+    how many versions stay on disk.
     """
     logger = get_run_logger()
     formats = list(formats or STORE_FORMATS)
@@ -163,18 +221,117 @@ def encode_flow(
     data_cfg = DataConfig.model_validate(data) if data else config.data
     check_data_fits(config, data_cfg)
     source = cached_source(data_cfg)
+    if keep_versions < 1:
+        raise ValueError(f"keep_versions must be at least 1, got {keep_versions}")
     # With a cluster the workers encode; here the model is only read for the metadata.
     model = cached_model(checkpoint, "cpu" if cluster else device, checkpoint_meta)
     meta = token_meta(model, source, data_cfg, checkpoint_meta)
     paths = RunPaths(Path(out))
-    store = ShardedTokenStore(paths.root, meta, shard_size, formats)
+    versions = StoreVersions(paths.root)
+    with versions.lock():
+        build = _plan_version(versions, source, meta, formats, shard_size, reencode)
+        if build.number is None:  # nothing changed: the current version stands
+            logger.info(f"{build.changes.summary()}; version {build.previous_number} stands")
+            result = _summary(paths, build, formats, [], 0.0, meta)
+        else:
+            result = _build_version(versions, build, checkpoint, data_cfg, formats, shard_size,
+                                    batch_size, device, num_workers, progress, cluster, runner,
+                                    keep_versions)
+    create_markdown_artifact(
+        key="vqtok-encode",
+        markdown=(f"### Encoded {source.name}\n\n{result['changes']}"
+                  + (f" (version {result['version']})" if result["new_version"] else
+                     f" (version {result['version']} stands)")
+                  + "\n\n| split | images |\n|---|---:|\n"
+                  + "".join(f"| {s} | {n} |\n" for s, n in result["splits"].items())
+                  + f"\n{result['encoded_images']} images encoded at "
+                  f"{result['images_per_second']:.0f} img/s; tokens in `{paths.tokens}`"),
+        description="Token store written by encode_flow",
+    )
+    return result
+
+
+@dataclass
+class _Build:
+    """What an encode will do: the changes, the version to build (None: nothing to do),
+    the previous version and its folder."""
+
+    changes: Changes
+    meta: TokenMeta
+    number: int | None
+    previous_number: int | None
+    previous_root: Path | None
+    plan: VersionPlan | None = None
+    repaired: int = 0  # rows of damaged shards of the previous version, encoded again
+
+
+def _plan_version(versions: StoreVersions, source: Any, meta: TokenMeta, formats: list[str],
+                  shard_size: int, reencode: bool) -> _Build:
+    """Reconcile the source with the current version; start (or resume) the next one."""
+    if reencode:
+        versions.remove_plain_store()
+    versions.refuse_plain_store()
+    current = versions.current()
+    previous_root = versions.version_root(current) if current is not None else None
+    previous_keys, same_layout, damaged = None, False, np.zeros(0, np.int64)
+    if previous_root is not None:
+        previous = Manifest(manifest_path(previous_root))
+        differ = [d for d in meta.differences(previous.meta)
+                  if d not in ("dataset", "dataset_fingerprint")]
+        if differ and not reencode:
+            raise TokenStoreError(versions.root, (
+                f"holds tokens of another tokenizer (different {', '.join(differ)}); write to "
+                "a new output folder, or pass --reencode to rebuild the store with this one as "
+                "a new version"))
+        previous_keys = KeyMap.read(bookkeeping_dir(previous_root) / KEYMAP_NAME)
+        same_layout = (previous.formats == formats
+                       and _shard_size_of(previous) == shard_size)
+        # A shard file lost or cut since it was published: its rows are encoded again.
+        damaged = PreviousShards.read(previous_root).damaged_ids()
+    changes = source_changes(source, previous_keys)
+    if (current is not None and not reencode and same_layout and not len(damaged)
+            and not (len(changes.added) or len(changes.changed) or len(changes.removed))):
+        return _Build(changes, meta, None, current, previous_root)
+    number = versions.next_number()
+    basis = [str(current), json.dumps(meta.identity(), sort_keys=True), ",".join(formats),
+             str(shard_size), str(reencode)]
+    repair = np.intersect1d(damaged, changes.keymap.ids[changes.keymap.present])
+    plan = VersionPlan.build(changes, list(source.splits), reencode, basis, repair)
+    unfinished = number - 1
+    if unfinished > (current or 0):  # a version folder that was never published
+        if written_basis(versions.version_root(unfinished)) == plan.basis:
+            number = unfinished  # resume it: its finished shards are kept
+        else:
+            versions.discard(unfinished)  # started from other data: start again
+            number = unfinished
+    root = versions.version_root(number)
+    root.mkdir(parents=True, exist_ok=True)
+    store = ShardedTokenStore(root, meta, shard_size, formats, file_suffix=file_suffix(number))
     recorded = store.recorded_created_at()
     if recorded and recorded != meta.created_at:
-        # Resuming: new shards carry the finished ones' creation time, so the store equals
+        # Resuming: new shards carry the finished ones' creation time, so the version equals
         # an uninterrupted run byte for byte.
         meta = dataclasses.replace(meta, created_at=recorded)
-        store = ShardedTokenStore(paths.root, meta, shard_size, formats)
-    splits = {name: len(ids) for name, ids in source.splits.items()}
+    changes.keymap.write(bookkeeping_dir(root) / KEYMAP_NAME)
+    plan.write(root)
+    return _Build(changes, meta, number, current, previous_root, plan, len(repair))
+
+
+def _shard_size_of(manifest: Manifest) -> int | None:
+    return json.loads(manifest.path.read_text(encoding="utf-8")).get("shard_size")
+
+
+def _build_version(versions: StoreVersions, build: _Build, checkpoint: str,
+                   data_cfg: DataConfig, formats: list[str], shard_size: int,
+                   batch_size: int | None, device: str, num_workers: int, progress: bool,
+                   cluster: str | None, runner: Any, keep_versions: int) -> dict[str, Any]:
+    logger = get_run_logger()
+    assert build.number is not None and build.plan is not None
+    root = versions.version_root(build.number)
+    suffix = file_suffix(build.number)
+    meta = build.meta
+    store = ShardedTokenStore(root, meta, shard_size, formats, file_suffix=suffix)
+    splits = {name: len(rows[0]) for name, rows in build.plan.splits.items()}
     pause_point("encode-started")
     started = time.perf_counter()
     calls = []
@@ -183,10 +340,11 @@ def encode_flow(
             # A cache hit is only trusted while the shard's files are really there.
             done = store.is_complete(shard)
             args = dict(checkpoint=str(checkpoint), data=data_cfg.model_dump(),
-                        meta=meta.to_dict(), out=str(paths.root), split=split,
+                        meta=meta.to_dict(), out=str(root), split=split,
                         index=shard.index, shard_size=shard_size, formats=formats,
                         batch_size=batch_size, device=device, num_workers=num_workers,
-                        progress=progress and not cluster)
+                        progress=progress and not cluster, file_suffix=suffix,
+                        previous=str(build.previous_root) if build.previous_root else None)
             calls.append({"done": done, "refresh": not done, "rows": shard.num_rows,
                           "args": args})
     if runner is not None:
@@ -198,20 +356,52 @@ def encode_flow(
                     for c in calls]
     results = [{**result, "skipped": call["done"] or result["skipped"]}
                for call, result in zip(calls, outcomes, strict=True)]
-    manifest = finalize_store(str(paths.root), meta.to_dict(), shard_size, formats, splits)
+    finalize_store(str(root), meta.to_dict(), shard_size, formats, splits, suffix,
+                   {"store_version": build.number})
+    pause_point("encode-version-finalized")
+    counts = build.changes.counts()
+    versions.publish(build.number, {
+        "num_rows": sum(splits.values()), "counts": counts, "previous": build.previous_number,
+        "reencoded": bool(build.plan and all(e.all() for _, _, e in build.plan.splits.values())
+                          and build.previous_number is not None),
+        "checkpoint_hash": meta.checkpoint_hash, "dataset_fingerprint": meta.dataset_fingerprint})
+    pause_point("encode-version-published")
+    pruned = versions.prune(keep_versions)
     seconds = time.perf_counter() - started
-    encoded = sum(r["rows"] for r in results if not r["skipped"])
-    skipped = sum(1 for r in results if r["skipped"])
+    result = _summary(RunPaths(versions.root), build, formats, results, seconds, meta)
+    logger.info(f"version {build.number}: {result['changes']}; encoded "
+                f"{result['encoded_images']} images in {seconds:.1f}s "
+                f"({result['images_per_second']:.0f} img/s); {result['skipped_shards']} of "
+                f"{len(results)} shards were already done"
+                + (f"; removed versions {', '.join(map(str, pruned))}" if pruned else ""))
+    return result
+
+
+def _summary(paths: RunPaths, build: _Build, formats: list[str], results: list[dict],
+             seconds: float, meta: TokenMeta) -> dict[str, Any]:
+    encoded = sum(r["encoded"] for r in results if not r["skipped"])
     rate = encoded / seconds if seconds > 0 and encoded else 0.0
-    logger.info(f"encoded {encoded} images in {seconds:.1f}s ({rate:.0f} img/s); "
-                f"{skipped} of {len(results)} shards were already done")
-    summary = {
+    keymap = build.changes.keymap
+    if build.plan is not None:
+        splits = {name: len(rows[0]) for name, rows in build.plan.splits.items()}
+    else:
+        present = keymap.splits[keymap.present]
+        splits = {name: int((present == name).sum()) for name in dict.fromkeys(present.tolist())}
+    version = build.number if build.number is not None else build.previous_number
+    return {
         "tokens": str(paths.tokens),
-        "manifest": manifest,
+        "manifest": str(manifest_path(StoreVersions(paths.root).version_root(version))),
+        "version": version,
+        "new_version": build.number is not None,
+        "changes": build.changes.summary() + (
+            f"; {build.repaired} rows of damaged shards encoded again" if build.repaired else ""),
+        "repaired": build.repaired,
+        "counts": build.changes.counts(),
         "formats": formats,
+        "splits": splits,
         "images": sum(splits.values()),
         "encoded_images": encoded,
-        "skipped_shards": skipped,
+        "skipped_shards": sum(1 for r in results if r["skipped"]),
         "shards": len(results),
         "seconds": seconds,
         "images_per_second": rate,
@@ -219,12 +409,3 @@ def encode_flow(
         "grid": list(meta.grid_shape),
         "checkpoint_hash": meta.checkpoint_hash,
     }
-    create_markdown_artifact(
-        key="vqtok-encode",
-        markdown=(f"### Encoded {source.name}\n\n| split | images |\n|---|---:|\n"
-                  + "".join(f"| {s} | {n} |\n" for s, n in splits.items())
-                  + f"\n{encoded} images encoded at {rate:.0f} img/s, {skipped} shards skipped; "
-                  f"tokens in `{paths.tokens}`"),
-        description="Token store written by encode_flow",
-    )
-    return summary

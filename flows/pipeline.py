@@ -15,6 +15,7 @@ from vqtok.flows.runtime import cached_source, checkpoint_config
 from vqtok.flows.stats_flow import stats_flow
 from vqtok.flows.train_flow import train_flow
 from vqtok.storage.layout import DEFAULT_SHARD_SIZE
+from vqtok.storage.versions import DEFAULT_KEEP_VERSIONS
 from vqtok.tokenizer.config import parse_config
 from vqtok.tokenizer.health import quality_line
 from vqtok.tokenizer.splits import heldout_split
@@ -36,11 +37,14 @@ def tokenize_dataset(
     device: str = "auto",
     progress: bool = True,
     force: bool = False,
+    reencode: bool = False,
+    keep_versions: int = DEFAULT_KEEP_VERSIONS,
 ) -> dict[str, Any]:
     """The whole pipeline into ``out``; returns the summary the CLI prints. A checkpoint
     marked unhealthy by its training is refused unless ``force`` (a run that trains one
     fails in training). ``batch_size`` None fits the encode batch to the GPU
-    (``ENCODE_BATCH_SIZE`` on CPU)."""
+    (``ENCODE_BATCH_SIZE`` on CPU). Run again over a dataset that changed (a nightly
+    schedule), it encodes only what changed, as a new version of the store."""
     if config is None and checkpoint is not None:
         cfg = checkpoint_config(checkpoint)[0]  # the data the tokenizer was trained on
     else:
@@ -54,7 +58,8 @@ def tokenize_dataset(
     encoded = encode_flow(checkpoint=checkpoint, out=str(paths.root),
                           data=cfg.data.model_dump(), formats=formats, shard_size=shard_size,
                           batch_size=batch_size, device=device,
-                          num_workers=cfg.train.num_workers, progress=progress, force=force)
+                          num_workers=cfg.train.num_workers, progress=progress, force=force,
+                          reencode=reencode, keep_versions=keep_versions)
     stats = stats_flow(tokens=encoded["tokens"], out=str(paths.stats))
     decoded = decode_flow(tokens=encoded["tokens"], checkpoint=checkpoint,
                           out=str(paths.decode), split=_validation_split(cfg), device=device)

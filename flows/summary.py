@@ -31,6 +31,8 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
                      f"{encoded['tokens_per_second']:.0f} tokens/s"
                      + (f" ({encoded['skipped_shards']} shards reused)"
                         if encoded["skipped_shards"] else "")),
+        ("version", f"{encoded['version']}: {encoded['changes']}"
+                    + ("" if encoded["new_version"] else " (unchanged)")),
         ("checkpoint", summary["checkpoint"]),
         ("tokens", f"{encoded['tokens']} ({', '.join(encoded['formats'])})"),
         ("stats", stats["stats"]),
@@ -95,7 +97,25 @@ def describe_tokens(path: Path) -> str:
              f"{token_meta.dataset_fingerprint[:12]})",
              f"  checkpoint      {token_meta.checkpoint_hash}",
              f"  created         {token_meta.created_at} by vqtok {token_meta.vqtok_version}"]
-    return "\n".join(lines) + "\n  metadata        " + json.dumps(token_meta.extra)[:200]
+    lines.append("  metadata        " + json.dumps(token_meta.extra)[:200])
+    return "\n".join(lines + _describe_versions(path))
+
+
+def _describe_versions(path: Path) -> list[str]:
+    """One line per kept version of a versioned store: rows, what changed, when."""
+    from vqtok.storage.keymap import format_counts
+    from vqtok.storage.layout import FORMAT_DIRS
+    from vqtok.storage.versions import StoreVersions
+
+    root = path.parent if path.name in FORMAT_DIRS.values() else path
+    versions = StoreVersions(root)
+    if not versions.is_versioned():
+        return []
+    lines = ["  versions"]
+    for v in versions.describe():
+        lines.append(f"    {'*' if v.current else ' '} {v.number:<4} {v.num_rows:>9} rows  "
+                     f"{v.published_at}  {format_counts(v.counts)}")
+    return lines
 
 
 def _prior_meta(path: Path) -> dict[str, Any] | None:

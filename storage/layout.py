@@ -39,6 +39,8 @@ FORMATS = tuple(SUFFIXES)
 READ_SUFFIXES = {**{suffix: fmt for fmt, suffix in SUFFIXES.items()},
                  ".pq": "parquet", ".hdf5": "hdf5"}
 DEFAULT_SHARD_SIZE = 10_000  # rows per shard unless asked otherwise
+#: What a versioned store keeps beside a version's manifest (see ``versions``, ``keymap``).
+VERSION_FILES = ("keys.parquet", "version.json", "plan.json", "plan.npz")
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,10 @@ class ShardSpec:
         return f"{self.split}/{self.name}"
 
 
-def shard_relpath(shard: ShardSpec, fmt: str) -> str:
-    """A shard file's path relative to the run folder: POSIX, so a store can be moved."""
-    return f"{FORMAT_DIRS[fmt]}/{shard.split}/{shard.name}{SUFFIXES[fmt]}"
+def shard_relpath(shard: ShardSpec, fmt: str, suffix: str = "") -> str:
+    """A shard file's path relative to the run folder: POSIX, so a store can be moved.
+    ``suffix`` marks the files of a later store version (``versions.file_suffix``)."""
+    return f"{FORMAT_DIRS[fmt]}/{shard.split}/{shard.name}{suffix}{SUFFIXES[fmt]}"
 
 
 def bookkeeping_dir(root: Path) -> Path:

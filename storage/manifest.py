@@ -12,6 +12,7 @@ from vqtok.storage.grid import TokenGrid
 from vqtok.storage.hdf5 import read_hdf5_grid
 from vqtok.storage.layout import (
     BOOKKEEPING_DIR,
+    FORMAT_DIRS,
     FORMATS,
     MANIFEST_KIND,
     MANIFEST_NAME,
@@ -22,6 +23,7 @@ from vqtok.storage.layout import (
 )
 from vqtok.storage.meta import TokenMeta
 from vqtok.storage.parquet import read_parquet_grid
+from vqtok.storage.versions import StoreVersions
 
 READERS = {"parquet": read_parquet_grid, "hdf5": read_hdf5_grid}
 
@@ -64,6 +66,9 @@ class Manifest:
         self.layout = int(data.get("version", 1))
         self.base = path.parent if self.layout < 2 else path.parent.parent
         self.meta = TokenMeta.from_dict(data.get("meta"), where=self.path)
+        # A version of a versioned store: kept shards carry the dataset fingerprint of the
+        # version that wrote them (the manifest's sha256 of each file is the check that counts).
+        self.store_version: int | None = data.get("store_version")
         try:
             self.formats: list[str] = [fmt for fmt in data["formats"] if fmt in FORMATS]
             self.split_rows = {entry["name"]: int(entry["num_rows"]) for entry in data["splits"]}
@@ -95,8 +100,17 @@ class Manifest:
         )
 
     @classmethod
-    def find(cls, folder: Path) -> Manifest:
-        """The manifest of ``folder`` (a run folder or its tokens/ folder)."""
+    def find(cls, folder: Path, version: int | None = None) -> Manifest:
+        """The manifest of ``folder`` (a run folder or its tokens/ folder); of a versioned
+        store, its current version's (or ``version``'s), resolved once."""
+        roots = [folder, folder.parent] if folder.name in FORMAT_DIRS.values() else [folder]
+        for root in roots:
+            versions = StoreVersions(root)
+            if versions.is_versioned():
+                return cls(versions.manifest_of(version))
+        if version is not None:
+            raise TokenStoreError(folder, "is not a versioned store (it has one version "
+                                  "only); leave the version out")
         path = find_manifest(folder)
         if path is None:
             started = has_unfinished_store(folder)
@@ -132,6 +146,14 @@ class Manifest:
         return sum(rows for name, rows in self.split_rows.items() if split in (None, name))
 
 
+def looks_intact(shard: ShardFile) -> bool:
+    """The file is there at its recorded size: the free check (the sha256 is verify_file's)."""
+    try:
+        return shard.path.stat().st_size == shard.bytes
+    except OSError:
+        return False
+
+
 def verify_file(shard: ShardFile, manifest: Path) -> None:
     """Size first (free), then the sha256 the writer recorded."""
     if not shard.path.is_file():
@@ -160,6 +182,8 @@ def load_shard(shard: ShardFile, fmt: str, manifest: Manifest, verify: bool) -> 
         verify_file(shard, manifest.path)
     grid = READERS[fmt](shard.path)
     differ = manifest.meta.differences(grid.meta)
+    if manifest.store_version is not None:
+        differ = [name for name in differ if name not in ("dataset", "dataset_fingerprint")]
     if differ:
         raise TokenStoreError(
             shard.path, f"metadata differs from {manifest.path.name} in {', '.join(differ)}"

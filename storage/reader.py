@@ -34,6 +34,7 @@ def load_grid(
     split: str | None = None,
     format: str | None = None,
     verify: bool = True,
+    version: int | None = None,
 ) -> TokenGrid:
     """All codes as one (N, h, w) array ((N, h, w, depth) with depth), plus ids, labels,
     splits and metadata.
@@ -41,11 +42,13 @@ def load_grid(
     ``path`` is a .parquet or .h5 file, or a sharded folder (``OUT`` or ``OUT/tokens``). For
     a folder, ``format`` picks which files to read (Parquet by default) and ``verify`` checks
     every shard against the manifest's size and sha256. Codes are always checked against the
-    codebook. ``codes, meta = load_grid(path)`` also works (see TokenGrid).
+    codebook. ``codes, meta = load_grid(path)`` also works (see TokenGrid). A versioned
+    store (what ``encode`` writes) is read at its current version, or at ``version`` while
+    that one is kept.
     """
     path = Path(path)
     if path.is_dir():
-        manifest = Manifest.find(path)
+        manifest = Manifest.find(path, version)
         fmt = manifest.pick_format(format)
         grids = [
             load_shard(shard, fmt, manifest, verify) for shard in manifest.shard_files(fmt, split)
@@ -53,6 +56,8 @@ def load_grid(
         if len(grids) == 1:  # no copy; report the store's metadata like the many-shard case
             return replace(grids[0], meta=manifest.meta)
         return concat_grids(grids, manifest.meta)
+    if version is not None:
+        raise TokenStoreError(path, "is a single token file; only a store folder has versions")
     fmt = file_format(path)
     if format is not None and format != fmt:
         raise TokenStoreError(path, f"is a {fmt} file, not {format}")
@@ -85,10 +90,12 @@ def read_tokens(
     split: str | None = None,
     format: str | None = None,
     verify: bool = True,
+    version: int | None = None,
 ) -> pd.DataFrame:
     """One row per image (id, label, split, codes), the same frame for every layout.
 
     Equal to ``pd.read_parquet`` of a token file, after the checks of load_grid; the metadata
     is in ``df.attrs["vqtok_meta"]``.
     """
-    return load_grid(path, split=split, format=format, verify=verify).to_pandas()
+    return load_grid(path, split=split, format=format, verify=verify,
+                     version=version).to_pandas()

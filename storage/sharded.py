@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from vqtok.files.atomic import is_temp, stale_temps, write_json_atomic
+from vqtok.files.atomic import is_temp, stale_temps, temp_path_for, write_json_atomic
 from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.hdf5 import HDF5TokenWriter
 from vqtok.storage.layout import (
@@ -23,6 +24,7 @@ from vqtok.storage.layout import (
     RECORDS_DIR,
     STORE_FOLDERS,
     TOKENS_DIR,
+    VERSION_FILES,
     ShardSpec,
     bookkeeping_dir,
     legacy_manifest_path,
@@ -62,8 +64,10 @@ class ShardedTokenStore:
         *,
         parquet_options: dict[str, Any] | None = None,
         hdf5_options: dict[str, Any] | None = None,
+        file_suffix: str = "",
     ) -> None:
         self.root = Path(root)
+        self.file_suffix = file_suffix
         self.tokens_dir = self.root / TOKENS_DIR
         self.meta = meta
         if (
@@ -143,7 +147,10 @@ class ShardedTokenStore:
     # -- paths ------------------------------------------------------------------------------
 
     def shard_path(self, shard: ShardSpec, fmt: str) -> Path:
-        return resolve(self.root, shard_relpath(shard, fmt), self.root)
+        return resolve(self.root, self.shard_relpath(shard, fmt), self.root)
+
+    def shard_relpath(self, shard: ShardSpec, fmt: str) -> str:
+        return shard_relpath(shard, fmt, self.file_suffix)
 
     def record_path(self, shard: ShardSpec) -> Path:
         return resolve(bookkeeping_dir(self.root), record_relpath(shard), self.root)
@@ -232,9 +239,29 @@ class ShardedTokenStore:
                 temp.unlink(missing_ok=True)
         return ShardWriter(self, shard)
 
+    def adopt_shard(self, shard: ShardSpec, files: dict[str, Path]) -> None:
+        """Complete ``shard`` with existing files of equal rows (a kept shard of an earlier
+        version): hard-linked, so they stay byte for byte and cost no space; copied where
+        links are not possible."""
+        self._check_spec(shard)
+        self.record_path(shard).unlink(missing_ok=True)
+        entries: dict[str, dict[str, Any]] = {}
+        for fmt in self.formats:
+            final = self.shard_path(shard, fmt)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            temp = temp_path_for(final)
+            try:
+                os.link(files[fmt], temp)
+            except OSError:
+                shutil.copyfile(files[fmt], temp)
+            os.replace(temp, final)
+            entries[fmt] = {"path": self.shard_relpath(shard, fmt),
+                            "sha256": sha256_file(final), "bytes": final.stat().st_size}
+        ShardWriter.publish_record(self, shard, entries)
+
     # -- manifest ---------------------------------------------------------------------------
 
-    def finalize(self) -> Path:
+    def finalize(self, extra: dict[str, Any] | None = None) -> Path:
         """Assemble manifest.json from the shard records; every planned shard must be complete.
 
         The folder must hold exactly the planned shards: a stray split or shard (say from an
@@ -281,18 +308,20 @@ class ShardedTokenStore:
             "shard_size": self.shard_size,
             "num_rows": sum(split["num_rows"] for split in splits),
             "splits": splits,
+            **(extra or {}),
         }
         return write_json_atomic(self.manifest_path, manifest)
 
     def _check_folder(self) -> None:
         """Remove our own stale temp files; refuse anything else that is not in the plan."""
         bookkeeping = bookkeeping_dir(self.root)
-        expected = {f"{BOOKKEEPING_DIR}/{MANIFEST_NAME}", f"{BOOKKEEPING_DIR}/{RECORDS_DIR}"}
+        expected = {f"{BOOKKEEPING_DIR}/{name}"
+                    for name in (MANIFEST_NAME, RECORDS_DIR, *VERSION_FILES)}
         for shards in self._plans.values():
             for shard in shards:
                 expected.update(_with_parents(f"{BOOKKEEPING_DIR}/{record_relpath(shard)}"))
                 for fmt in self.formats:
-                    expected.update(_with_parents(shard_relpath(shard, fmt)))
+                    expected.update(_with_parents(self.shard_relpath(shard, fmt)))
         for temp in stale_temps(self.manifest_path):
             temp.unlink(missing_ok=True)
         for folder in (bookkeeping, *(self.root / name for name in FORMAT_DIRS.values())):
@@ -366,11 +395,11 @@ class ShardWriter(PublishOnSuccess):
             for fmt, writer in self._writers.items():
                 path = writer.close()
                 files[fmt] = {
-                    "path": shard_relpath(self.shard, fmt),
+                    "path": self.store.shard_relpath(self.shard, fmt),
                     "sha256": sha256_file(path),
                     "bytes": path.stat().st_size,
                 }
-            self._publish_record(files)
+            self.publish_record(self.store, self.shard, files)
         except BaseException:
             self.abort()
             # Formats already renamed into place belong to a shard that never completed: take
@@ -379,19 +408,22 @@ class ShardWriter(PublishOnSuccess):
                 self.store.shard_path(self.shard, fmt).unlink(missing_ok=True)
             raise
 
-    def _publish_record(self, files: dict[str, dict[str, Any]]) -> None:
+    @staticmethod
+    def publish_record(store: ShardedTokenStore, shard: ShardSpec,
+                       files: dict[str, dict[str, Any]]) -> None:
+        """The completion record, written last: the shard counts as done once it exists."""
         record = {
             "kind": RECORD_KIND,
             "version": LAYOUT_VERSION,
-            "split": self.shard.split,
-            "index": self.shard.index,
-            "start": self.shard.start,
-            "stop": self.shard.stop,
-            "num_rows": self.shard.num_rows,
-            "meta": self.store.meta.to_dict(),
+            "split": shard.split,
+            "index": shard.index,
+            "start": shard.start,
+            "stop": shard.stop,
+            "num_rows": shard.num_rows,
+            "meta": store.meta.to_dict(),
             "files": files,
         }
-        write_json_atomic(self.store.record_path(self.shard), record)
+        write_json_atomic(store.record_path(shard), record)
 
     def abort(self) -> None:
         for writer in self._writers.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -88,3 +89,19 @@ def store_tree(out: Path) -> dict[str, bytes]:
 def console_command() -> str:
     """The installed ``tokenize-dataset`` script of this environment (what users run)."""
     return str(Path(sys.executable).with_name("tokenize-dataset"))
+
+
+def version_folder(out: Path, number: int | None = None) -> Path:
+    """Version ``number`` of the versioned store in run folder ``out`` (the one
+    ``OUT/.vqtok/current`` names when None): a whole plain store, whose own ``.vqtok`` holds
+    its manifest, shard records (paths relative to this folder), key map and plan."""
+    versions = Path(out) / ".vqtok" / "versions"
+    if number is None:
+        return versions / Path(os.readlink(Path(out) / ".vqtok" / "current")).name
+    return versions / f"{number:06d}"
+
+
+def current_version_root(out: Path) -> Path:
+    """The folder of the published version of the store in run folder ``out``
+    (``out/.vqtok/versions/NNNNNN``, what ``out/.vqtok/current`` names)."""
+    return (Path(out) / ".vqtok" / "current").resolve(strict=True)

@@ -32,6 +32,8 @@ from tests.helpers import (
     make_checkpoint,
     store_tree,
     tiny_raw,
+    tree,
+    version_folder,
     write_npz,
 )
 
@@ -121,10 +123,16 @@ def test_corrupt_image_is_named_and_finished_shards_are_kept(kit, tmp_path):
     assert message.endswith("; fix or remove the file")
     # Sorted, b/8.png is id 11, in the third train shard: the first two are done, the third
     # failed and left nothing (validation, id 9, comes after train and was never started).
-    assert sorted(store_tree(out)) == [
+    # All of it in the unpublished first version folder: nothing is current yet.
+    version = version_folder(out, 1)
+    assert sorted(tree(version)) == [
         ".vqtok/done/train/part-00000.json", ".vqtok/done/train/part-00001.json",
+        ".vqtok/keys.parquet", ".vqtok/plan.json", ".vqtok/plan.npz",
         "hdf5/train/part-00000.h5", "hdf5/train/part-00001.h5",
         "tokens/train/part-00000.parquet", "tokens/train/part-00001.parquet"]
+    assert sorted(store_tree(out)) == [".vqtok/lock", *(
+        f".vqtok/versions/000001/{rel}" for rel in sorted(tree(version)))]
+    assert not (out / ".vqtok" / "current").exists() and not (out / "tokens").exists()
     # Read in DataLoader worker processes, the same line names the same file.
     again = fails("encode", "--checkpoint", kit["checkpoint"], "--dataset", f"imagefolder:{root}",
                   "--out", tmp_path / "out-workers", "--shard-size", "4", "--quiet",
@@ -216,7 +224,8 @@ def test_wrong_image_size_is_resized_or_refused_as_configured(kit, tmp_path):
                     tmp_path / "out", "--quiet")
     assert message == (f"{root}/a/big.png: images are 12x10 but the config wants 8x8 and "
                        "data.resize is 'error'; set data.resize: resize or data.image_size")
-    assert not list((tmp_path / "out").rglob("*.parquet"))
+    assert not [p for p in (tmp_path / "out").rglob("*.parquet") if p.name != "keys.parquet"]
+    assert not list((tmp_path / "out").rglob("part-*"))  # no token file, under any name
     raw["data"]["resize"] = "resize"
     config = write_config(tmp_path / "lenient.yaml", raw)
     result = CliRunner().invoke(main, ["encode", "--checkpoint", str(kit["checkpoint"]),

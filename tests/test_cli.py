@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from vqtok.flows.cli import main
 
 from tests.conftest import TINY
+from tests.helpers import version_folder
 
 
 def write_config(path, dataset, **train):
@@ -76,7 +77,9 @@ def test_run_encode_stats_decode_info_end_to_end(tmp_path, tiny_npz):
     assert result.exit_code == 0, result.output
     for label in ("codebook usage", "perplexity", "PSNR", "tokens/s", "checkpoint", "pictures"):
         assert label in result.output
-    assert (run_dir / ".vqtok/manifest.json").is_file()
+    version = version_folder(run_dir)  # the published version the symlinks name
+    assert version == version_folder(run_dir, 1) and (version / ".vqtok/manifest.json").is_file()
+    assert (run_dir / "tokens").resolve() == version / "tokens"
     assert (run_dir / "stats/usage.png").is_file()
     assert (run_dir / "decode/reconstructions.png").is_file()
 
@@ -87,6 +90,7 @@ def test_run_encode_stats_decode_info_end_to_end(tmp_path, tiny_npz):
     assert result.exit_code == 0, result.output
     assert "40 images encoded" in result.output
     assert not list(other.rglob("*.h5")) and not (other / "hdf5").exists()
+    assert not (version_folder(other) / "hdf5").exists()
     result = runner.invoke(main, ["stats", "--out", str(other)])
     assert result.exit_code == 0 and "usage" in result.output
     result = runner.invoke(main, ["decode", "--tokens", str(other / "tokens"), "--checkpoint",

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import console_command, make_checkpoint, store_tree, tiny_raw, write_npz
+from tests.helpers import (
+    console_command,
+    make_checkpoint,
+    store_tree,
+    tiny_raw,
+    tree,
+    version_folder,
+    write_npz,
+)
 
 pytest.importorskip("prefect_dask")
 
@@ -75,7 +83,11 @@ def tokens(folder: Path) -> dict[str, bytes]:
 def test_a_local_cluster_from_another_folder_writes_what_one_process_writes(job):
     spread = encode(job, "local2", "--cluster", "local:2")
     assert tokens(spread) == tokens(job["single"])
-    assert len([p for p in tokens(spread) if p.endswith(".parquet")]) == 5  # 4 train, 1 val
+    version = version_folder(spread)  # the published version: the key map is no token file
+    assert version == version_folder(spread, 1) and (spread / "tokens").resolve() == (
+        version / "tokens")
+    parquet = [p for p in tree(version) if p.endswith(".parquet") and p != ".vqtok/keys.parquet"]
+    assert len(parquet) == 5 and all(p.startswith("tokens/") for p in parquet)  # 4 train, 1 val
 
 
 def test_a_worker_killed_mid_shard_is_replaced_and_the_store_is_the_same(job):

@@ -14,7 +14,7 @@ from vqtok.tokenizer.checkpoint import build_model
 from vqtok.tokenizer.config import parse_config
 
 from tests.conftest import TINY
-from tests.helpers import write_npz
+from tests.helpers import tree, version_folder, write_npz
 
 pytest.importorskip("prefect_dask")
 
@@ -65,15 +65,25 @@ def test_two_dask_workers_write_the_same_tokens_as_one_process(tmp_path, monkeyp
         a, b = load_grid(single["tokens"], format=fmt), load_grid(spread["tokens"], format=fmt)
         assert np.array_equal(a.codes, b.codes) and a.codes.shape == (40, 2, 2)
         assert np.array_equal(a.ids, b.ids) and np.array_equal(a.labels, b.labels)
-    parquet = sorted(p.relative_to(tmp_path / "single")
-                     for p in (tmp_path / "single").rglob("*.parquet"))
+    versions = {d: version_folder(tmp_path / d) for d in ("single", "dask")}
+    assert versions["single"].name == versions["dask"].name == "000001"
+    parquet = sorted(p.relative_to(versions["single"])
+                     for p in versions["single"].rglob("*.parquet") if p.name != "keys.parquet")
     assert len(parquet) == 4
     for rel in parquet:
-        assert (tmp_path / "single" / rel).read_bytes() == (tmp_path / "dask" / rel).read_bytes()
-    manifest = [json.loads((tmp_path / d / ".vqtok/manifest.json").read_text())
+        assert (versions["single"] / rel).read_bytes() == (versions["dask"] / rel).read_bytes()
+    manifest = [json.loads((versions[d] / ".vqtok/manifest.json").read_text())
                 for d in ("single", "dask")]
     assert manifest[0] == manifest[1]
 
-    # The workers' shard records are as good as local ones: a re-run here skips them all.
+    # The workers' shard records are as good as local ones: byte for byte the same records
+    # (paths relative to the version folder), and a re-run here finds the published version
+    # up to date, encodes nothing and leaves the store as it was.
+    done = [tree(versions[d] / ".vqtok" / "done") for d in ("single", "dask")]
+    assert len(done[0]) == 4 and done[0] == done[1]  # 3 train shards, 1 validation shard
+    before = tree(tmp_path / "dask" / ".vqtok")
     again = encode_flow(str(checkpoint), str(tmp_path / "dask"), *args)
-    assert again["skipped_shards"] == 4 and again["encoded_images"] == 0
+    assert again["version"] == 1 and again["new_version"] is False
+    assert again["encoded_images"] == 0 and again["shards"] == 0
+    assert again["counts"] == {"added": 0, "changed": 0, "removed": 0, "unchanged": 40}
+    assert tree(tmp_path / "dask" / ".vqtok") == before

@@ -29,7 +29,7 @@ from vqtok.tokenizer.config import parse_config
 
 from tests.conftest import TINY
 from tests.fault_runner import FaultRunner
-from tests.helpers import STORE_FOLDERS, store_tree, write_npz
+from tests.helpers import STORE_FOLDERS, store_tree, version_folder, write_npz
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -114,7 +114,18 @@ class StoreWatcher:
             self.checked += 1
 
     def _check(self, path: Path) -> None:
-        if path.suffix == ".parquet":
+        if path.name == "keys.parquet":  # the version's key map: every source key, once
+            table = pq.read_table(path)
+            assert table.num_rows == IMAGES, "partial key map"
+            assert sorted(table.column("id").to_pylist()) == list(range(IMAGES))
+        elif path.name == "plan.npz":  # the version's plan: every id of every split
+            with np.load(path) as plan:
+                ids = [plan[name] for name in plan.files if name.startswith("ids_")]
+                assert ids and all(plan[name].size for name in plan.files), "partial plan"
+            assert sorted(np.concatenate(ids).tolist()) == list(range(IMAGES)), "partial plan"
+        elif path.name == "lock" and path.parent == self.out / ".vqtok":
+            assert path.stat().st_size == 0, "the writer's lock file holds data"
+        elif path.suffix == ".parquet":
             assert pq.read_table(path).num_rows == SHARD_ROWS, "partial Parquet file"
         elif path.suffix == ".h5":
             with h5py.File(path, "r") as f:
@@ -123,8 +134,10 @@ class StoreWatcher:
         elif path.suffix == ".json":
             data = json.loads(path.read_text())  # a torn JSON file raises here
             if data.get("kind") == "vqtok-shard-record":
+                version = path.parents[3]  # V/.vqtok/done/<split>/part-*.json
+                assert version.parent == self.out / ".vqtok" / "versions", "record outside"
                 for entry in data["files"].values():  # shard content is deterministic
-                    file = self.out / entry["path"]
+                    file = version / entry["path"]  # relative to its version folder
                     digest = hashlib.sha256(file.read_bytes()).hexdigest()
                     assert digest == entry["sha256"], "record vouches for a different file"
         else:
@@ -136,7 +149,12 @@ def temps(folder: Path) -> list[Path]:
 
 
 def records(out: Path) -> int:
-    return len(list((out / ".vqtok" / "done").glob("*/*.json")))
+    """Finished shards of the newest version folder (the one being built or published)."""
+    folders = sorted((out / ".vqtok" / "versions").glob("[0-9]" * 6))
+    if not folders:
+        return 0
+    assert version_folder(out, int(folders[-1].name)) == folders[-1]
+    return len(list((folders[-1] / ".vqtok" / "done").glob("*/*.json")))
 
 
 def run_until(runner, argv, logs, pause=None, signum=signal.SIGKILL):
@@ -200,6 +218,7 @@ def test_encode_killed_at_random_points_ends_identical_to_an_uninterrupted_run(
     assert code == 0, (tmp_path / "final.err").read_text()[-2000:]
     assert watcher.problems == []
     assert temps(out) == []
+    assert (out / "tokens").resolve() == version_folder(out, 1) / "tokens"  # one version
     assert watcher.checked >= 40  # shards, records and the manifest were all read mid-run
     # Row for row and code for code, and in fact byte for byte (same SOURCE_DATE_EPOCH).
     mine, theirs = load_grid(out / "tokens"), load_grid(reference / "tokens")

@@ -89,15 +89,27 @@ def test_rerun_skips_cached_shards_and_redoes_a_missing_one(trained):
     before = {p: p.read_bytes() for p in sorted((run / "tokens").rglob("part-*"))}
     again = encode_flow(trained["train"]["checkpoint"], str(run), None, ["parquet", "hdf5"],
                         16, 8, "cpu", 0, False)
-    assert again["skipped_shards"] == 4 and again["encoded_images"] == 0
+    # Nothing changed: version 1 stands, no shard task runs at all.
+    assert not again["new_version"] and again["version"] == 1
+    assert again["shards"] == 0 and again["encoded_images"] == 0
     assert {p: p.read_bytes() for p in before} == before
 
+    # As if the first run had been killed before this shard: version 1 was never finalized
+    # nor published (no manifest, version.json, current link or tokens/ and hdf5/ links).
+    version = (run / ".vqtok/current").resolve()
     shard.unlink()
+    (version / "hdf5/train/part-00001.h5").unlink()
+    for name in ("done/train/part-00001.json", "manifest.json", "version.json"):
+        (version / ".vqtok" / name).unlink()
+    for link in ("tokens", "hdf5", ".vqtok/current"):
+        (run / link).unlink()
     redo = encode_flow(trained["train"]["checkpoint"], str(run), None, ["parquet", "hdf5"],
                        16, 8, "cpu", 0, False)
     assert redo["skipped_shards"] == 3 and redo["encoded_images"] == 16
+    assert redo["version"] == 1 and (run / ".vqtok/current").resolve() == version
     after = load_grid(run / "tokens")
     assert shard.is_file()
+    assert {p: p.read_bytes() for p in before} == before  # the redone shard is the same
     assert np.array_equal(after.codes, load_grid(run / "tokens", format="hdf5").codes)
 
 

@@ -23,7 +23,15 @@ from vqtok.flows.cli import main
 from vqtok.storage import load_grid
 from vqtok.tokenizer import load_tokenizer
 
-from tests.helpers import fails, make_checkpoint, store_tree, tiny_raw, write_npz
+from tests.helpers import (
+    current_version_root,
+    fails,
+    make_checkpoint,
+    store_tree,
+    tiny_raw,
+    tree,
+    write_npz,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -68,18 +76,25 @@ def test_disk_full_mid_encode_leaves_only_whole_shards_and_a_rerun_completes(
 ):
     encode(kit, tmp_path / "reference")
     out = tmp_path / "run"
-    # Per shard: Parquet, HDF5, record. Call 5 is shard 1's HDF5 file; the disk stays full.
-    calls = failing_fsync(monkeypatch, 5, 10**6, errno.ENOSPC)
+    # First the version's key map, plan.npz and plan.json; then per shard: Parquet, HDF5,
+    # record. Call 8 is shard 1's HDF5 file; the disk stays full.
+    calls = failing_fsync(monkeypatch, 8, 10**6, errno.ENOSPC)
+    version = out / ".vqtok/versions/000001"
     assert fails("encode", "--checkpoint", kit["checkpoint"], "--out", out, "--shard-size",
                  "16", "--quiet") == (
-        f"{out}/tokens/train/part-00001: No space left on device; free some space (or choose "
-        "another --out) and re-run: finished work is kept")
+        f"{version}/tokens/train/part-00001: No space left on device; free some space (or "
+        "choose another --out) and re-run: finished work is kept")
     assert calls["raised"] == 3  # the first try and both retries
     # Shard 0 is whole; shard 1's Parquet file, published before its HDF5 file failed, was
-    # taken back; no temp file is left.
-    assert sorted(store_tree(out)) == [".vqtok/done/train/part-00000.json",
-                                       "hdf5/train/part-00000.h5",
-                                       "tokens/train/part-00000.parquet"]
+    # taken back; no temp file is left, and the unfinished version is not published.
+    assert sorted(store_tree(out)) == [".vqtok/lock",
+                                       ".vqtok/versions/000001/.vqtok/done/train/part-00000.json",
+                                       ".vqtok/versions/000001/.vqtok/keys.parquet",
+                                       ".vqtok/versions/000001/.vqtok/plan.json",
+                                       ".vqtok/versions/000001/.vqtok/plan.npz",
+                                       ".vqtok/versions/000001/hdf5/train/part-00000.h5",
+                                       ".vqtok/versions/000001/tokens/train/part-00000.parquet"]
+    assert not (out / ".vqtok/current").exists()
 
     monkeypatch.setattr(vqtok.files.atomic, "fsync_path", calls["real"])  # space freed
     result = encode(kit, out)
@@ -134,20 +149,32 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(kit, tmp_pa
     assert f"weights {reference.weights_sha256[:12]}), step 10" in result.output
 
 
-def test_rerun_with_another_shard_size_or_checkpoint_is_refused_untouched(kit, tmp_path):
+def test_rerun_with_another_shard_size_builds_a_new_version_another_checkpoint_is_refused(
+    kit, tmp_path
+):
     out = tmp_path / "run"
     encode(kit, out)
+    first = tree(current_version_root(out))
+    grid = load_grid(out / "tokens")
+    result = CliRunner().invoke(main, ["encode", "--checkpoint", str(kit["checkpoint"]),
+                                       "--out", str(out), "--shard-size", "10", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert current_version_root(out) == (out / ".vqtok/versions/000002").resolve()
+    assert tree(out / ".vqtok/versions/000001") == first  # the old version is untouched
+    second = tree(current_version_root(out))
+    rows = {split: int((grid.splits == split).sum()) for split in ("train", "validation")}
+    assert sorted(p for p in second if p.startswith("tokens/")) == [  # shards of 10 rows
+        f"tokens/{split}/part-{i:05d}-v2.parquet" for split, n in rows.items()
+        for i in range(-(-n // 10))]
+    again = load_grid(out / "tokens")
+    assert np.array_equal(again.ids, grid.ids) and np.array_equal(again.codes, grid.codes)
+
     before = store_tree(out)
-    record = out / ".vqtok/done/train/part-00000.json"
-    assert fails("encode", "--checkpoint", kit["checkpoint"], "--out", out, "--shard-size",
-                 "10", "--quiet") == (
-        f"{record}: shard covers rows [0, 16) but this plan needs [0, 10); the shard size "
-        "changed - use the old shard_size or a new output folder")
     other = make_checkpoint(tmp_path / "other", kit["raw"], seed=1)
-    assert fails("encode", "--checkpoint", other, "--out", out, "--shard-size", "16",
+    assert fails("encode", "--checkpoint", other, "--out", out, "--shard-size", "10",
                  "--quiet") == (
-        f"{record}: shard was written with different checkpoint_hash than this store; write "
-        f"to a new output folder or delete the token store in {out} (tokens/, hdf5/, .vqtok/)")
+        f"{out}: holds tokens of another tokenizer (different checkpoint_hash); write to a new "
+        "output folder, or pass --reencode to rebuild the store with this one as a new version")
     assert store_tree(out) == before
 
 
@@ -168,10 +195,11 @@ def test_split_names_from_a_dataset_never_leave_the_output_folder(kit, tmp_path,
         message = fails("encode", "--checkpoint", kit["checkpoint"], "--out", out, "--quiet")
     finally:
         vqtok.flows.runtime._cached_source.cache_clear()
-    assert message == (f"{out}/tokens: split name '../../escape' is not allowed; use 1-32 "
-                       "characters from A-Z a-z 0-9 _ . - starting with a letter or digit (it "
-                       "becomes a folder name)")
+    assert message == (f"{out}/.vqtok/versions/000001/tokens: split name '../../escape' is "
+                       "not allowed; use 1-32 characters from A-Z a-z 0-9 _ . - starting with a "
+                       "letter or digit (it becomes a folder name)")
     assert not list(tmp_path.rglob("escape*")) and not (out / "tokens").exists()
+    assert not (out / ".vqtok/current").exists()
 
 
 def test_resumed_store_keeps_the_first_runs_creation_time(kit, tmp_path, monkeypatch):
@@ -179,19 +207,36 @@ def test_resumed_store_keeps_the_first_runs_creation_time(kit, tmp_path, monkeyp
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1000000000")
     encode(kit, out)
     first = store_tree(out)
-    for path in out.glob("*/train/part-00002.*"):
-        path.unlink()  # as if the run had been killed before this shard
-    (out / ".vqtok/done/train/part-00002.json").unlink()
+    # As if the run had been killed before this shard: version 1 was never finalized nor
+    # published (no manifest, version.json, current link or tokens/ and hdf5/ links).
+    version = current_version_root(out)
+    for path in version.glob("*/train/part-00002.*"):
+        path.unlink()
+    for name in ("done/train/part-00002.json", "manifest.json", "version.json"):
+        (version / ".vqtok" / name).unlink()
+    for link in ("tokens", "hdf5", ".vqtok/current"):
+        (out / link).unlink()
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "2000000000")  # a later day
     encode(kit, out)
-    assert store_tree(out) == first  # the redone shard says 2001-09-09 too
-    meta = json.loads((out / ".vqtok/manifest.json").read_text())["meta"]
+    # The redone shard says 2001-09-09 too; only the publication time is the resuming run's.
+    info = ".vqtok/versions/000001/.vqtok/version.json"
+    again = store_tree(out)
+    published = [json.loads(tree_[info]) for tree_ in (first, again)]
+    assert [p.pop("published_at") for p in published] == [
+        "2001-09-09T01:46:40+00:00", "2033-05-18T03:33:20+00:00"]
+    assert published[0] == published[1]
+    assert {k: v for k, v in again.items() if k != info} == {
+        k: v for k, v in first.items() if k != info}
+    manifest = current_version_root(out) / ".vqtok/manifest.json"
+    meta = json.loads(manifest.read_text())["meta"]
     assert meta["created_at"] == "2001-09-09T01:46:40+00:00"
 
-    for folder in ("tokens", "hdf5", ".vqtok"):
-        shutil.rmtree(out / folder)
+    for link in ("tokens", "hdf5"):
+        (out / link).unlink()  # symlinks into the current version
+    shutil.rmtree(out / ".vqtok")
     encode(kit, out)  # a fresh store gets the new time
-    assert json.loads((out / ".vqtok/manifest.json").read_text())["meta"]["created_at"] == (
+    manifest = current_version_root(out) / ".vqtok/manifest.json"
+    assert json.loads(manifest.read_text())["meta"]["created_at"] == (
         "2033-05-18T03:33:20+00:00")
 
 
@@ -199,7 +244,12 @@ def test_same_checkpoint_data_and_batch_size_give_byte_identical_stores(kit, tmp
     encode(kit, tmp_path / "a", "--batch-size", "5")
     encode(kit, tmp_path / "b", "--batch-size", "5")
     a, b = store_tree(tmp_path / "a"), store_tree(tmp_path / "b")
-    assert a == b and len(a) == 4 * 3 + 1  # 4 shards x (Parquet, HDF5, record) + manifest
+    assert a == b
+    # The version: 4 shards x (Parquet, HDF5, record) + manifest, key map, plan.npz,
+    # plan.json, version.json; the run folder adds the lock and shows the shard files again
+    # through the tokens/ and hdf5/ links.
+    version = tree(current_version_root(tmp_path / "a"))
+    assert len(version) == 4 * 3 + 5 and len(a) == len(version) + 1 + 4 * 2
     grid = load_grid(tmp_path / "a")
     model = load_tokenizer(kit["checkpoint"])
     from vqtok.tokenizer import open_source

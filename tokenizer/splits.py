@@ -19,6 +19,13 @@ def holdout_splits(n: int) -> dict[str, np.ndarray]:
             "validation": ids[ids % VALIDATION_EVERY == last]}
 
 
+def holdout_split_of(ids: np.ndarray) -> np.ndarray:
+    """The split ``holdout_splits`` puts each id in: how ids given later get theirs."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.where(ids % VALIDATION_EVERY == VALIDATION_EVERY - 1, "validation",
+                    "train").astype(object)
+
+
 def heldout_split(split_names: object, preferred: str | None = None,
                   exclude: str | None = None) -> str | None:
     """The split held-out figures come from: ``preferred`` when there is one, else
