@@ -17,6 +17,7 @@ from vqtok.tokenizer import VQVAE, __version__, load_tokenizer
 from vqtok.tokenizer.checkpoint import read_checkpoint_meta, stored_config
 from vqtok.tokenizer.config import Config, ConfigError, DataConfig
 from vqtok.tokenizer.sources import ImageSource, open_source
+from vqtok.tokenizer.sources.imagefolder import ImageFolderSource
 from vqtok.tokenizer.sources.shards import match_files
 from vqtok.tokenizer.training import resolve_device
 
@@ -65,26 +66,20 @@ def _cached_source(key: str, stamp: str) -> ImageSource:
 
 
 def _stamp(data: DataConfig) -> str:
-    """Changes when an .npz file changes, files are added to, removed from or renamed in an
-    image folder, or a tar shard or Parquet file is added, removed or rewritten, so a
-    long-lived process (a notebook, the test suite) does not encode a stale listing. Cheap:
-    one stat per file or per folder (an image rewritten in place under the same name in an
-    image folder goes unnoticed until the process restarts)."""
+    """Changes when an .npz file changes, or a tar shard or Parquet file is added, removed or
+    rewritten, so a long-lived process (a notebook, the test suite, ``serve``) does not
+    encode a stale listing. Cheap: one stat per file. (Image folders check their own
+    listing: ``ImageFolderSource.listing_unchanged``.)"""
     kind, _, where = data.dataset.partition(":")
     if kind in ("webdataset", "parquet") and where:
         return _files_stamp(where)
-    if kind not in ("npz", "imagefolder") or not where:
+    if kind != "npz" or not where:
         return ""  # named datasets: fixed files under data_root
-    root = Path(where).expanduser()
-    parts = []
     try:
-        folders = os.walk(root) if root.is_dir() else [(str(root), [], [])]
-        for folder, _, _ in folders:
-            st = os.stat(folder)
-            parts.append(f"{folder}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+        st = os.stat(Path(where).expanduser())
     except OSError:
         return "missing"  # open_source says what is wrong
-    return "|".join(parts)
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _files_stamp(spec: str) -> str:
@@ -97,8 +92,25 @@ def _files_stamp(spec: str) -> str:
         return "missing"  # open_source says what is wrong
 
 
+_FOLDERS: dict[str, ImageFolderSource] = {}
+
+
 def cached_source(data: DataConfig) -> ImageSource:
-    return _cached_source(_data_key(data), _stamp(data))
+    """The source of ``data``, opened once per process while its files stay the same (an
+    image rewritten in place under the same name in an image folder is not noticed until the
+    process restarts; incremental encodes still see it, by its stamp)."""
+    key = _data_key(data)
+    if data.dataset.startswith("imagefolder:"):
+        kept = _FOLDERS.get(key)
+        if kept is not None and kept.listing_unchanged():
+            return kept
+        source = open_source(data)
+        if isinstance(source, ImageFolderSource):
+            while len(_FOLDERS) >= 2:
+                _FOLDERS.pop(next(iter(_FOLDERS)))
+            _FOLDERS[key] = source
+        return source
+    return _cached_source(key, _stamp(data))
 
 
 def token_meta(model: VQVAE, source: ImageSource, data: DataConfig,

@@ -99,9 +99,3 @@ def version_folder(out: Path, number: int | None = None) -> Path:
     if number is None:
         return versions / Path(os.readlink(Path(out) / ".vqtok" / "current")).name
     return versions / f"{number:06d}"
-
-
-def current_version_root(out: Path) -> Path:
-    """The folder of the published version of the store in run folder ``out``
-    (``out/.vqtok/versions/NNNNNN``, what ``out/.vqtok/current`` names)."""
-    return (Path(out) / ".vqtok" / "current").resolve(strict=True)

@@ -87,3 +87,16 @@ def test_two_dask_workers_write_the_same_tokens_as_one_process(tmp_path, monkeyp
     assert again["encoded_images"] == 0 and again["shards"] == 0
     assert again["counts"] == {"added": 0, "changed": 0, "removed": 0, "unchanged": 40}
     assert tree(tmp_path / "dask" / ".vqtok") == before
+
+    # An update spread over the workers (8 images more) equals the same update here.
+    write_npz(tmp_path / "images.npz", n=48)  # the same 40 first images, then 8 new ones
+    updates = [encode_flow(str(checkpoint), str(tmp_path / d), *args, *cluster)
+               for d, cluster in (("single", ()), ("dask", ("local:2",)))]
+    for update in updates:
+        assert update["counts"] == {"added": 8, "changed": 0, "removed": 0, "unchanged": 40}
+        assert (update["version"], update["encoded_images"]) == (2, 8)
+    built = [tree(version_folder(tmp_path / d)) for d in ("single", "dask")]
+    for files in built:  # what differs: when each was published
+        assert b'"published_at"' in files.pop(".vqtok/version.json")
+    assert built[0] == built[1]
+    assert load_grid(tmp_path / "dask").num_rows == 48

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -157,10 +158,11 @@ def records(out: Path) -> int:
     return len(list((folders[-1] / ".vqtok" / "done").glob("*/*.json")))
 
 
-def run_until(runner, argv, logs, pause=None, signum=signal.SIGKILL):
+def run_until(runner, argv, logs, pause=None, signum=signal.SIGKILL, at_pause=None):
     """Start the CLI with ``pause`` ("NAME:N", see tokenizer/faults.py); once the child has
-    reached it and waits there, send ``signum``. Returns the exit code: -signum when the
-    signal interrupted the run, whatever the machine's speed."""
+    reached it and waits there, call ``at_pause()`` (if given), then send ``signum``. Returns
+    the exit code: -signum when the signal interrupted the run, whatever the machine's
+    speed."""
     marker = logs.with_suffix(".paused")
     env = {"VQTOK_PAUSE_AT": pause, "VQTOK_PAUSE_MARKER": str(marker)} if pause else {}
     runner.start(argv, logs, env)
@@ -170,6 +172,13 @@ def run_until(runner, argv, logs, pause=None, signum=signal.SIGKILL):
         if code is not None:
             return code
         if pause and marker.exists():
+            if at_pause is not None:
+                try:
+                    at_pause()
+                except BaseException:
+                    runner.signal(signal.SIGKILL)
+                    runner.wait()
+                    raise
             runner.signal(signum)
             return runner.wait()
         time.sleep(0.002)
@@ -224,6 +233,76 @@ def test_encode_killed_at_random_points_ends_identical_to_an_uninterrupted_run(
     mine, theirs = load_grid(out / "tokens"), load_grid(reference / "tokens")
     assert np.array_equal(mine.ids, theirs.ids) and np.array_equal(mine.codes, theirs.codes)
     assert np.array_equal(mine.labels, theirs.labels)
+    assert store_tree(out) == store_tree(reference)
+
+
+def write_pngs(pixels: np.ndarray, folder: Path, names, offset: int = 0) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in names:
+        Image.fromarray(pixels[(i + offset) % len(pixels)]).save(folder / f"{i:04d}.png")
+
+
+def test_incremental_update_killed_at_random_points_keeps_the_previous_version_readable(
+    runner, tiny, tmp_path
+):
+    """kill -9 at every stage of an update of a grown, changed and shrunk folder: whenever
+    the writer stops, readers get exactly the previous version (or, once published, the
+    new one), and re-running ends byte for byte where an uninterrupted update does."""
+    with np.load(tiny["root"] / "images.npz") as arrays:
+        pixels = arrays["images"][:, 0]
+    folder = tmp_path / "images"
+    write_pngs(pixels, folder, range(IMAGES))
+
+    def argv(out: Path) -> list[str]:
+        return [*encode_argv(tiny, out), "--dataset", f"imagefolder:{folder}"]
+
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    for store in (reference, out):
+        assert run_until(runner, argv(store), tmp_path / f"{store.name}-v1") == 0
+    before = load_grid(out)
+    rng = random.Random(SEED + 1)
+    picked = rng.sample(range(IMAGES), 20)
+    write_pngs(pixels, folder, range(IMAGES, IMAGES + 40), offset=7)  # 40 added
+    write_pngs(pixels, folder, picked[:10], offset=101)  # 10 changed
+    for i in picked[10:]:  # 10 removed
+        (folder / f"{i:04d}.png").unlink()
+    assert run_until(runner, argv(reference), tmp_path / "reference-v2") == 0
+    after = load_grid(reference)
+    assert after.num_rows == IMAGES + 30
+
+    seen = []
+
+    def readers_see_one_whole_version() -> None:
+        grid = load_grid(out)  # checks every shard's sha256 against the manifest
+        which = [name for name, want in (("previous", before), ("new", after))
+                 if np.array_equal(grid.ids, want.ids) and np.array_equal(grid.codes, want.codes)]
+        assert len(which) == 1, "readers saw neither version whole"
+        assert len(pd.read_parquet(out / "tokens")) == grid.num_rows
+        seen.append(which[0])
+
+    plan = ["startup", "mid-write", "mid-write", "records", "records"]
+    rng.shuffle(plan)
+    plan.append("finalized")  # every shard done: from here on only publishing is left
+    points = {"startup": "encode-started:1", "finalized": "encode-version-finalized:1",
+              "published": "encode-version-published:1"}
+    outcomes = []
+    for i, mode in enumerate([*plan, "published"]):
+        pause = points.get(mode) or (f"encode-batch-written:{rng.randint(1, 3)}"
+                                     if mode == "mid-write"
+                                     else f"encode-shard-published:{rng.randint(1, 3)}")
+        code = run_until(runner, argv(out), tmp_path / f"kill{i}", pause,
+                         at_pause=readers_see_one_whole_version)
+        outcomes.append((mode, pause, code))
+        assert code == -signal.SIGKILL, (outcomes, (tmp_path / f"kill{i}.err").read_text())
+        readers_see_one_whole_version()
+    assert seen == ["previous"] * (2 * len(plan)) + ["new"] * 2, outcomes
+
+    code = run_until(runner, argv(out), tmp_path / "final")
+    assert code == 0, (tmp_path / "final.err").read_text()[-2000:]
+    assert "version 2 stands" in (tmp_path / "final.out").read_text()
+    assert temps(out) == []
     assert store_tree(out) == store_tree(reference)
 
 

@@ -30,7 +30,7 @@ from vqtok.tokenizer.health import (
     require_healthy,
 )
 
-from tests.helpers import console_command, current_version_root
+from tests.helpers import console_command, version_folder
 
 TRAIN = importlib.import_module("vqtok.tokenizer.training")  # the module, not the function
 
@@ -251,7 +251,7 @@ def test_encode_refuses_an_unhealthy_checkpoint_unless_forced(tmp_path, tiny_con
     forced = subprocess.run([*command, "--force"], cwd=outside, env=env, capture_output=True,
                             text=True, timeout=300)
     assert forced.returncode == 0, forced.stderr
-    assert (current_version_root(tmp_path / "enc") / ".vqtok/manifest.json").is_file()
+    assert (version_folder(tmp_path / "enc") / ".vqtok/manifest.json").is_file()
 
 
 # --- checkpoints from before ------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from vqtok.storage import load_grid, read_tokens
 from vqtok.storage.keymap import KeyMap, reconcile
 from vqtok.storage.versions import StoreVersions
 
-from tests.helpers import console_command, fails, make_checkpoint, tiny_raw
+from tests.helpers import console_command, fails, make_checkpoint, store_tree, tiny_raw
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -172,6 +173,23 @@ def test_grown_shrunk_and_changed_folder_encodes_only_what_changed(checkpoint, t
     assert StoreVersions(out).published() == [1, 2, 3]
 
 
+def test_an_image_rewritten_in_place_is_seen_by_a_long_lived_process(checkpoint, tmp_path):
+    """Nothing added or removed, so the folder's listing (and this process's cached source)
+    stands; the rewritten file's stamp still gives it away."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_images(images, range(12))
+    encode(checkpoint, images, out)
+    before = by_key(out)
+    write_images(images, [4], seed_offset=500)
+    line = encode(checkpoint, images, out)
+    assert line.startswith("0 added, 1 changed, 0 removed, 11 unchanged: 1 images encoded")
+    after = by_key(out)
+    assert {k for k in after if after[k] != before[k]} <= {"img-0004.png"}
+    fresh = tmp_path / "fresh"
+    encode(checkpoint, images, fresh)
+    assert by_key(fresh)["img-0004.png"][2] == after["img-0004.png"][2]
+
+
 def test_readers_see_exactly_the_current_version(checkpoint, tmp_path):
     images, out = tmp_path / "images", tmp_path / "out"
     write_images(images, range(20))
@@ -285,6 +303,46 @@ def test_a_second_encode_on_a_locked_store_fails_with_one_line(checkpoint, tmp_p
                        " wait for it to finish, or write to another folder")
     assert StoreVersions(out).published() == [1]
     assert "1 added" in encode(checkpoint, images, out)
+
+
+def test_two_encodes_started_at_once_one_fails_with_one_line_the_other_publishes(
+        checkpoint, tmp_path):
+    """Two real processes: the first holds the store (paused once its version is planned);
+    the second ends at once with one line and touches nothing; the first, killed, takes its
+    lock with it, and a re-run finishes the update."""
+    from prefect.settings import PREFECT_API_URL
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_images(images, range(12))
+    encode(checkpoint, images, out)
+    write_images(images, [12, 13])
+    marker = tmp_path / "first.paused"
+    env = {**os.environ, "PYTHONPATH": "", "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    argv = [console_command(), "encode", "--checkpoint", str(checkpoint), "--dataset",
+            f"imagefolder:{images}", "--out", str(out), "--quiet"]
+    first = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**env, "VQTOK_PAUSE_AT": "encode-started:1",
+                                  "VQTOK_PAUSE_MARKER": str(marker)})
+    try:
+        deadline = time.monotonic() + 300  # a hang guard: the marker says when it is there
+        while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), first.communicate(timeout=30)[1][-2000:]
+        planned = store_tree(out)
+        second = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True,
+                                timeout=300, env=env)
+        assert second.returncode == 1, second.stderr[-2000:]
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"error: {out}: another encode is updating this store (it holds .vqtok/lock); "
+            "wait for it to finish, or write to another folder")
+        assert store_tree(out) == planned  # (its own run log aside, in out/logs)
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    assert load_grid(out).num_rows == 12  # the published version, untouched
+    assert encode(checkpoint, images, out).startswith("2 added, 0 changed, 0 removed")
+    assert load_grid(out).num_rows == 14
 
 
 def test_store_of_before_versions_is_refused_unless_reencode(checkpoint, tmp_path):

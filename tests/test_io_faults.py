@@ -24,12 +24,12 @@ from vqtok.storage import load_grid
 from vqtok.tokenizer import load_tokenizer
 
 from tests.helpers import (
-    current_version_root,
     fails,
     make_checkpoint,
     store_tree,
     tiny_raw,
     tree,
+    version_folder,
     write_npz,
 )
 
@@ -154,14 +154,14 @@ def test_rerun_with_another_shard_size_builds_a_new_version_another_checkpoint_i
 ):
     out = tmp_path / "run"
     encode(kit, out)
-    first = tree(current_version_root(out))
+    first = tree(version_folder(out))
     grid = load_grid(out / "tokens")
     result = CliRunner().invoke(main, ["encode", "--checkpoint", str(kit["checkpoint"]),
                                        "--out", str(out), "--shard-size", "10", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert current_version_root(out) == (out / ".vqtok/versions/000002").resolve()
+    assert version_folder(out) == (out / ".vqtok/versions/000002").resolve()
     assert tree(out / ".vqtok/versions/000001") == first  # the old version is untouched
-    second = tree(current_version_root(out))
+    second = tree(version_folder(out))
     rows = {split: int((grid.splits == split).sum()) for split in ("train", "validation")}
     assert sorted(p for p in second if p.startswith("tokens/")) == [  # shards of 10 rows
         f"tokens/{split}/part-{i:05d}-v2.parquet" for split, n in rows.items()
@@ -209,7 +209,7 @@ def test_resumed_store_keeps_the_first_runs_creation_time(kit, tmp_path, monkeyp
     first = store_tree(out)
     # As if the run had been killed before this shard: version 1 was never finalized nor
     # published (no manifest, version.json, current link or tokens/ and hdf5/ links).
-    version = current_version_root(out)
+    version = version_folder(out)
     for path in version.glob("*/train/part-00002.*"):
         path.unlink()
     for name in ("done/train/part-00002.json", "manifest.json", "version.json"):
@@ -227,7 +227,7 @@ def test_resumed_store_keeps_the_first_runs_creation_time(kit, tmp_path, monkeyp
     assert published[0] == published[1]
     assert {k: v for k, v in again.items() if k != info} == {
         k: v for k, v in first.items() if k != info}
-    manifest = current_version_root(out) / ".vqtok/manifest.json"
+    manifest = version_folder(out) / ".vqtok/manifest.json"
     meta = json.loads(manifest.read_text())["meta"]
     assert meta["created_at"] == "2001-09-09T01:46:40+00:00"
 
@@ -235,7 +235,7 @@ def test_resumed_store_keeps_the_first_runs_creation_time(kit, tmp_path, monkeyp
         (out / link).unlink()  # symlinks into the current version
     shutil.rmtree(out / ".vqtok")
     encode(kit, out)  # a fresh store gets the new time
-    manifest = current_version_root(out) / ".vqtok/manifest.json"
+    manifest = version_folder(out) / ".vqtok/manifest.json"
     assert json.loads(manifest.read_text())["meta"]["created_at"] == (
         "2033-05-18T03:33:20+00:00")
 
@@ -248,7 +248,7 @@ def test_same_checkpoint_data_and_batch_size_give_byte_identical_stores(kit, tmp
     # The version: 4 shards x (Parquet, HDF5, record) + manifest, key map, plan.npz,
     # plan.json, version.json; the run folder adds the lock and shows the shard files again
     # through the tokens/ and hdf5/ links.
-    version = tree(current_version_root(tmp_path / "a"))
+    version = tree(version_folder(tmp_path / "a"))
     assert len(version) == 4 * 3 + 5 and len(a) == len(version) + 1 + 4 * 2
     grid = load_grid(tmp_path / "a")
     model = load_tokenizer(kit["checkpoint"])

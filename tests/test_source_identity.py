@@ -70,6 +70,27 @@ def test_imagefolder_keys_are_relative_posix_paths_in_source_order(folder):
     assert source(f"imagefolder:{folder}").item_keys() == keys  # stable across openings
 
 
+def test_imagefolder_lists_files_as_rglob_does_sorted_by_path_parts(tmp_path, pictures):
+    """One scandir pass replaces rglob + a stat per file: the same files in the same order
+    (by path parts, so a/ sorts before a-b/), symlinked files in, symlinked folders not
+    entered, dangling links and non-images out."""
+    root = tmp_path / "images"
+    for i, name in enumerate(["a-b/x.png", "a/x.png", "a/sub/z.JPG", "A/y.jpeg", "top.png",
+                              ".png", "a/notes.txt"]):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(png(pictures[i]))
+    (root / "link.png").symlink_to(root / "top.png")
+    (root / "dead.png").symlink_to(tmp_path / "missing.png")
+    (root / "linked").symlink_to(root / "a", target_is_directory=True)
+    images = source(f"imagefolder:{root}")
+    expected = sorted(p for p in root.rglob("*") if p.is_file()
+                       and p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    assert images.item_keys() == [p.relative_to(root).as_posix() for p in expected] == [
+        "A/y.jpeg", "a/sub/z.JPG", "a/x.png", "a-b/x.png", "link.png", "top.png"]
+    assert images.class_names == ["A", "a", "a-b"]
+    assert images.labels.tolist() == [0, 1, 1, 2, -1, -1]
+
+
 def test_imagefolder_hashes_are_of_the_file_bytes_and_stamps_of_the_file(folder, pictures):
     images = source(f"imagefolder:{folder}")
     paths = [folder / key for key in images.item_keys()]

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from vqtok.flows.cli import main
 from vqtok.storage import ShardedTokenStore, TokenMeta, TokenStoreError, load_grid, read_tokens
 from vqtok.storage.reader import read_meta, split_rows
+from vqtok.storage.versions import StoreVersions, file_suffix
 
 META = TokenMeta(300, 3, 2, "toy", "fp", "ck", "0.1.0", created_at="2025-01-01T00:00:00+00:00")
 SPLITS = {"train": 11, "validation": 3, "test": 5}  # several shards in train
@@ -28,17 +29,38 @@ def rows(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return codes, ids, ids % 10
 
 
-@pytest.fixture
-def run(tmp_path) -> Path:
-    store = ShardedTokenStore(tmp_path / "run", META, shard_size=4)
+def write_store(root: Path, file_suffix: str = "", extra_row: bool = False) -> None:
+    """The SPLITS rows as a sharded store in ``root``; ``extra_row`` adds a train row (id
+    1000) that only an older version holds."""
+    store = ShardedTokenStore(root, META, shard_size=4, file_suffix=file_suffix)
     for split in SPLITS:
         codes, ids, labels = rows(split)
-        for shard in store.plan(split, SPLITS[split]):
+        if extra_row and split == "train":
+            codes = np.concatenate([codes, codes[:1]])
+            ids, labels = np.append(ids, 1000), np.append(labels, 0)
+        for shard in store.plan(split, len(ids)):
             part = slice(shard.start, shard.stop)
             with store.open_shard(shard) as writer:
                 writer.write(codes[part], ids[part], labels[part])
     store.finalize()
-    return tmp_path / "run"
+
+
+@pytest.fixture(params=["plain", "versioned"])
+def run(tmp_path, request) -> Path:
+    """A run folder as encode leaves it: a plain store, or (what encode writes now) a
+    versioned one whose tokens/ links to the current of two versions; the older one holds a
+    row that no reader may see."""
+    out = tmp_path / "run"
+    if request.param == "plain":
+        write_store(out)
+        return out
+    versions = StoreVersions(out)
+    write_store(versions.version_root(1), extra_row=True)
+    versions.publish(1, {"num_rows": sum(SPLITS.values()) + 1})
+    write_store(versions.version_root(2), file_suffix=file_suffix(2))
+    versions.publish(2, {"num_rows": sum(SPLITS.values())})
+    assert (out / "tokens").is_symlink()
+    return out
 
 
 def expected() -> pd.DataFrame:

@@ -31,7 +31,7 @@ def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def stamp(path: Path) -> str:
+def stamp(path: str | os.PathLike[str]) -> str:
     """``size:mtime_ns`` of a file: changes whenever its bytes may have."""
     try:
         st = os.stat(path)

@@ -3,8 +3,10 @@ workers when asked); class subfolders become labels."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import torch
@@ -15,7 +17,7 @@ from ..splits import holdout_splits
 from .base import ImageSource
 from .decoding import read_array, to_batch
 from .identity import positions_array, sha256_hex, stamp
-from .shards import files_fingerprint
+from .shards import listing_fingerprint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -34,47 +36,102 @@ class ImageFolderSource(ImageSource):
                 f"imagefolder:{root}: image files are read as 1 or 3 channels, the config has "
                 f"data.channels {cfg.channels}; set 1 or 3"
             )
-        files = sorted(
-            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        if not files:
+        names, sizes, self._folders = _scan(root)
+        if not names:
             raise DataError(f"imagefolder:{root}: no .png/.jpg/.jpeg files found")
-        classes = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
+        tops = [name.split("/", 1)[0] if "/" in name else None for name in names]
+        classes = sorted({top for top in tops if top is not None})
         self.class_names = classes
         lookup = {c: i for i, c in enumerate(classes)}
-        self.files = files
-        self.labels = np.array(
-            [lookup[p.relative_to(root).parts[0]] if p.parent != root else -1 for p in files],
-            dtype=np.int64,
-        )
+        self.names = names  # paths below root, posix: the keys
+        folder = str(root)
+        self.paths = [f"{folder}/{name}" for name in names]  # str: 20k Paths cost 0.1 s
+        self.labels = np.array([-1 if top is None else lookup[top] for top in tops],
+                               dtype=np.int64)
         self.root, self.cfg = root, cfg
         self.name = f"imagefolder:{root}"
         self.channels, self.image_size = cfg.channels, cfg.image_size
-        self.splits, self.split_rule = holdout_splits(len(files)), True
-        self.fingerprint = files_fingerprint(files, root)
+        self.splits, self.split_rule = holdout_splits(len(names)), True
+        self.fingerprint = listing_fingerprint(
+            (name, size, mtime) for name, (size, mtime) in zip(names, sizes, strict=True))
 
     def load_batch(self, ids: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ids = np.asarray(ids, dtype=np.int64)
-        wheres = [str(self.files[i]) for i in ids]
-        arrays = [read_array(self.files[i], self.cfg, where) for i, where in zip(ids, wheres,
-                                                                                 strict=True)]
+        wheres = [self.paths[i] for i in ids]
+        arrays = [read_array(Path(where), self.cfg, where) for where in wheres]
         images = to_batch(arrays, self.cfg, wheres).float().div_(255)
         return images, torch.from_numpy(self.labels[ids])
 
     def item_keys(self) -> list[str]:
-        return [p.relative_to(self.root).as_posix() for p in self.files]
+        return list(self.names)
 
     def item_stamps(self) -> list[str]:
-        return [stamp(p) for p in self.files]
+        """Read now, not at opening: a long-lived process that keeps this source (flows.
+        runtime caches it) still sees a file rewritten in place."""
+        return [stamp(path) for path in self.paths]
 
     def content_hashes(self, positions: Sequence[int] | np.ndarray) -> list[str]:
-        return [sha256_hex(_read_bytes(self.files[i]))
-                for i in positions_array(positions, len(self.files))]
+        return [sha256_hex(_read_bytes(self.paths[i]))
+                for i in positions_array(positions, len(self.paths))]
+
+    def listing_unchanged(self) -> bool:
+        """No file added, removed or renamed since the folder was listed: one stat per folder,
+        so a long-lived process (flows.runtime keeps sources) can keep this source."""
+        try:
+            return all(folder_stamp(folder) == stamp for folder, stamp in self._folders)
+        except OSError:
+            return False
+
+    @property
+    def files(self) -> list[Path]:
+        return [Path(path) for path in self.paths]
 
 
-def _read_bytes(path: Path) -> bytes:
+def _scan(root: Path) -> tuple[list[str], list[tuple[int, int]], list[tuple[str, str]]]:
+    """Image files below ``root`` (posix paths below it, sorted as paths: by their parts),
+    each one's (size, mtime_ns), and each folder's stamp taken before it was listed, from
+    one scandir pass with one stat per file. Like ``rglob``: symlinked files count,
+    symlinked folders are not entered, unreadable subfolders are skipped."""
+    found: list[tuple[list[str], str, int, int]] = []
+    folders: list[tuple[str, str]] = []
+    pending = [""]
+    while pending:
+        below_root = pending.pop()
+        folder = str(root / below_root) if below_root else str(root)
+        try:
+            folders.append((folder, folder_stamp(folder)))
+            with os.scandir(folder) as entries:
+                listed = list(entries)
+        except PermissionError:
+            if not below_root:
+                raise
+            continue
+        for entry in listed:
+            name = f"{below_root}/{entry.name}" if below_root else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(name)
+            elif (dot := entry.name.rfind(".")) > 0 and entry.name[dot:].lower() in IMAGE_SUFFIXES:
+                try:
+                    st = entry.stat()
+                except OSError:  # a dangling link
+                    continue
+                if S_ISREG(st.st_mode):
+                    found.append((name.split("/"), name, st.st_size, st.st_mtime_ns))
+    found.sort(key=lambda item: item[0])
+    return [item[1] for item in found], [(item[2], item[3]) for item in found], folders
+
+
+def folder_stamp(folder: str) -> str:
+    """A folder's inode, size and mtime_ns: changed by a file or folder added to, removed
+    from or renamed in it (not by a file rewritten in place)."""
+    st = os.stat(folder)
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _read_bytes(path: str) -> bytes:
     try:
-        return path.read_bytes()
+        with open(path, "rb") as handle:
+            return handle.read()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc}); the folder changed "
                         "since it was opened, open it again") from None

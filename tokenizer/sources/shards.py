@@ -7,7 +7,7 @@ import glob
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,10 +92,16 @@ def files_fingerprint(files: Sequence[Path], root: Path, extra: str = "") -> str
     """sha256 over each file's path below ``root``, size and mtime: cheap (one stat each) and
     changed by any file added, removed, renamed or rewritten. ``extra``: settings that change
     what the files mean (which member is the image, how ids are split)."""
+    listing = ((str(below(p, root)), st.st_size, st.st_mtime_ns) for p in files
+               for st in [p.stat()])
+    return listing_fingerprint(listing, extra)
+
+
+def listing_fingerprint(listing: Iterable[tuple[str, int, int]], extra: str = "") -> str:
+    """files_fingerprint of (path below root, size, mtime_ns) already listed."""
     h = hashlib.sha256()
-    for p in files:
-        st = p.stat()
-        h.update(f"{below(p, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for name, size, mtime_ns in listing:
+        h.update(f"{name}\0{size}\0{mtime_ns}\n".encode())
     if extra:
         h.update(extra.encode())
     return h.hexdigest()
