@@ -123,6 +123,7 @@ def main() -> None:
           f"new folder key for key (codes, labels): {keys_equal}; same split there for "
           f"{same_split} of {len(mine_keys)} keys (splits follow ids, kept across versions)")
     (out / "incremental.json").write_text(json.dumps(table, indent=2))
+    print(json.dumps(table))
 
 
 def by_key(store: Path) -> dict[str, tuple]:

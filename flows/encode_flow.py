@@ -291,6 +291,7 @@ def _plan_version(versions: StoreVersions, source: Any, meta: TokenMeta, formats
     changes = source_changes(source, previous_keys)
     if (current is not None and not reencode and same_layout and not len(damaged)
             and not (len(changes.added) or len(changes.changed) or len(changes.removed))):
+        _record_new_stamps(changes.keymap, previous_keys, previous_root)
         return _Build(changes, meta, None, current, previous_root)
     number = versions.next_number()
     basis = [str(current), json.dumps(meta.identity(), sort_keys=True), ",".join(formats),
@@ -315,6 +316,15 @@ def _plan_version(versions: StoreVersions, source: Any, meta: TokenMeta, formats
     changes.keymap.write(bookkeeping_dir(root) / KEYMAP_NAME)
     plan.write(root)
     return _Build(changes, meta, number, current, previous_root, plan, len(repair))
+
+
+def _record_new_stamps(keymap: KeyMap, previous: KeyMap | None, root: Path | None) -> None:
+    """Files touched but equal (new stamps, same hashes) leave the version standing; their
+    new stamps go into its key map, so the next run does not hash them again. Only the
+    stamps differ, and readers never read them."""
+    if (previous is not None and root is not None and np.array_equal(keymap.ids, previous.ids)
+            and not np.array_equal(keymap.stamps, previous.stamps)):
+        keymap.write(bookkeeping_dir(root) / KEYMAP_NAME)
 
 
 def _shard_size_of(manifest: Manifest) -> int | None:

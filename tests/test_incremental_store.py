@@ -190,6 +190,26 @@ def test_an_image_rewritten_in_place_is_seen_by_a_long_lived_process(checkpoint,
     assert by_key(fresh)["img-0004.png"][2] == after["img-0004.png"][2]
 
 
+def test_a_touched_file_is_hashed_once_not_on_every_run(checkpoint, tmp_path, monkeypatch):
+    from vqtok.tokenizer.sources.imagefolder import ImageFolderSource
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_images(images, range(6))
+    encode(checkpoint, images, out)
+    hashed = []
+    real = ImageFolderSource.content_hashes
+    monkeypatch.setattr(ImageFolderSource, "content_hashes",
+                        lambda self, positions: hashed.append(list(positions))
+                        or real(self, positions))
+    stat = (images / "img-0002.png").stat()
+    os.utime(images / "img-0002.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    for _ in range(2):
+        line = encode(checkpoint, images, out)
+        assert line.startswith("0 added, 0 changed, 0 removed, 6 unchanged: version 1 stands")
+    assert hashed == [[2]]  # the first run hashed it, found it equal, recorded its stamp
+    assert StoreVersions(out).published() == [1]
+
+
 def test_readers_see_exactly_the_current_version(checkpoint, tmp_path):
     images, out = tmp_path / "images", tmp_path / "out"
     write_images(images, range(20))
