@@ -275,19 +275,23 @@ def _plan_version(versions: StoreVersions, source: Any, meta: TokenMeta, formats
     previous_root = versions.version_root(current) if current is not None else None
     previous_keys, same_layout, damaged = None, False, np.zeros(0, np.int64)
     if previous_root is not None:
-        previous = Manifest(manifest_path(previous_root))
-        differ = [d for d in meta.differences(previous.meta)
-                  if d not in ("dataset", "dataset_fingerprint")]
+        previous = _readable(Manifest, manifest_path(previous_root), current, reencode)
+        differ = [] if previous is None else [
+            d for d in meta.differences(previous.meta)
+            if d not in ("dataset", "dataset_fingerprint")]
         if differ and not reencode:
             raise TokenStoreError(versions.root, (
                 f"holds tokens of another tokenizer (different {', '.join(differ)}); write to "
                 "a new output folder, or pass --reencode to rebuild the store with this one as "
                 "a new version"))
-        previous_keys = KeyMap.read(bookkeeping_dir(previous_root) / KEYMAP_NAME)
-        same_layout = (previous.formats == formats
+        # Without its key map (only with --reencode) the ids start again from 0.
+        previous_keys = _readable(KeyMap.read, bookkeeping_dir(previous_root) / KEYMAP_NAME,
+                                  current, reencode)
+        same_layout = (previous is not None and previous.formats == formats
                        and _shard_size_of(previous) == shard_size)
-        # A shard file lost or cut since it was published: its rows are encoded again.
-        damaged = PreviousShards.read(previous_root).damaged_ids()
+        if not reencode:
+            # A shard file lost or cut since it was published: its rows are encoded again.
+            damaged = PreviousShards.read(previous_root).damaged_ids()
     changes = source_changes(source, previous_keys)
     if (current is not None and not reencode and same_layout and not len(damaged)
             and not (len(changes.added) or len(changes.changed) or len(changes.removed))):
@@ -316,6 +320,19 @@ def _plan_version(versions: StoreVersions, source: Any, meta: TokenMeta, formats
     changes.keymap.write(bookkeeping_dir(root) / KEYMAP_NAME)
     plan.write(root)
     return _Build(changes, meta, number, current, previous_root, plan, len(repair))
+
+
+def _readable(read: Any, path: Path, number: int | None, reencode: bool) -> Any:
+    """``read(path)``; when that fails, None under --reencode (the store is rebuilt), else
+    one line saying the way out."""
+    try:
+        return read(path)
+    except (TokenStoreError, OSError) as exc:
+        if reencode:
+            return None
+        raise TokenStoreError(None, (
+            f"{exc}; version {number} of this store is damaged - pass --reencode to rebuild "
+            "it as a new version, or write to a new folder")) from None
 
 
 def _record_new_stamps(keymap: KeyMap, previous: KeyMap | None, root: Path | None) -> None:

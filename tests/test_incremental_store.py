@@ -173,6 +173,29 @@ def test_grown_shrunk_and_changed_folder_encodes_only_what_changed(checkpoint, t
     assert StoreVersions(out).published() == [1, 2, 3]
 
 
+@pytest.mark.parametrize("lost", ["manifest.json", "keys.parquet"])
+def test_a_version_without_its_manifest_or_key_map_is_rebuilt_by_reencode(
+        checkpoint, tmp_path, lost):
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_images(images, range(12))
+    encode(checkpoint, images, out)
+    before = by_key(out)
+    gone = StoreVersions(out).version_root(1) / ".vqtok" / lost
+    gone.unlink()
+    message = fails("encode", "--checkpoint", checkpoint, "--dataset", f"imagefolder:{images}",
+                    "--out", out, "--shard-size", SHARD, "--quiet")
+    assert message.startswith(f"{gone}: "), message
+    assert message.endswith("; version 1 of this store is damaged - pass --reencode to "
+                            "rebuild it as a new version, or write to a new folder"), message
+    line = encode(checkpoint, images, out, "--reencode")
+    assert "12 images encoded" in line and "version 2" in line
+    after = by_key(out)
+    assert {k: v[2] for k, v in after.items()} == {k: v[2] for k, v in before.items()}
+    if lost == "manifest.json":  # the key map was there: every key keeps its id and split
+        assert after == before
+    assert encode(checkpoint, images, out).endswith(f"version 2 stands -> {out / 'tokens'}")
+
+
 def test_an_image_rewritten_in_place_is_seen_by_a_long_lived_process(checkpoint, tmp_path):
     """Nothing added or removed, so the folder's listing (and this process's cached source)
     stands; the rewritten file's stamp still gives it away."""
