@@ -165,13 +165,9 @@ class PreviousShards:
                             self.manifest.meta)
 
 
+@functools.lru_cache(maxsize=2)
 def previous_shards(previous_root: str, basis: str) -> PreviousShards:
     """The previous version as the plan of ``basis`` saw it, once per process and plan."""
-    return _previous_shards(previous_root, basis)
-
-
-@functools.lru_cache(maxsize=2)
-def _previous_shards(previous_root: str, _basis: str) -> PreviousShards:
     return PreviousShards.read(Path(previous_root))
 
 
