@@ -2,11 +2,14 @@
 
 Writes a folder of MNIST PNGs, encodes it, then adds 1 %, rewrites 0.1 % and removes 0.1 %
 of the images and encodes again, ``--repeats`` times; every encode runs in one process (one
-Prefect server), so the figures compare the flows, not start-up. Reports walls and the CPU
-seconds of this process (the Prefect server's own process is not counted: orchestration,
-not encoding) and their ratios, worst run last. Checks that the update equals a
-``--reencode`` of the same store row for row, and, key for key, a fresh encode of the new
-folder.
+Prefect server) after a small unreported warm-up encode and update, so the figures compare
+the flows, not start-up. Reports walls and the CPU seconds of this process (the Prefect
+server's own process is not counted: orchestration, not encoding) and their ratios, worst
+run last, and apart the first full-size cycle's: its update is the first to touch memory at
+that size (fresh pages, faulted in: ~0.1 s of system time that later cycles reuse), what a
+fresh scheduled process pays and a long-lived one (``serve``) pays once. Checks that the
+update equals a ``--reencode`` of the same store row for row, and, key for key, a fresh
+encode of the new folder.
 
     python benchmarks/incremental.py --data-root ../shared/data/mnist --out runs/bench/inc
 """
@@ -36,7 +39,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/incremental")
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
 
     import torch
@@ -76,6 +79,7 @@ def main() -> None:
     picked = [int(i) for i in rng.choice(n, changed + removed, replace=False)]
     runs = []
     with prefect_test_harness(server_startup_timeout=180):
+        warm_up(mnist, out / "warm-up", checkpoint, data)
         for repeat in range(args.repeats):
             if repeat:  # back to the original folder, and a fresh store
                 for i in range(n, n + added):
@@ -111,19 +115,40 @@ def main() -> None:
     # a fresh folder numbers its images afresh: they agree where the ids do. Counted only.
     same_split = sum(mine_keys[k][0] == fresh_keys.get(k, ("",))[0] for k in mine_keys)
     worst = max(runs, key=lambda run: run["cpu_ratio"])
+    steady = runs[1:] or runs
     table = {"images": n, "threads": args.threads, "runs": runs,
              "worst_wall_ratio": max(run["wall_ratio"] for run in runs),
              "worst_cpu_ratio": worst["cpu_ratio"],
+             "first_cycle_cpu_ratio": runs[0]["cpu_ratio"],
+             "worst_cpu_ratio_after_first": max(run["cpu_ratio"] for run in steady),
              "equals_reencode_row_for_row": bool(rows_equal),
              "equals_fresh_encode_key_for_key": bool(keys_equal),
              "same_split_as_fresh_encode": same_split, "rows": len(mine_keys)}
     print(f"worst of {len(runs)}: wall ratio {table['worst_wall_ratio']:.3f}, CPU ratio "
-          f"{table['worst_cpu_ratio']:.3f}")
+          f"{table['worst_cpu_ratio']:.3f}; first cycle {table['first_cycle_cpu_ratio']:.3f}, "
+          f"worst of the others {table['worst_cpu_ratio_after_first']:.3f}")
     print(f"update equals --reencode row for row: {rows_equal}; equals a fresh encode of the "
           f"new folder key for key (codes, labels): {keys_equal}; same split there for "
           f"{same_split} of {len(mine_keys)} keys (splits follow ids, kept across versions)")
     (out / "incremental.json").write_text(json.dumps(table, indent=2))
     print(json.dumps(table))
+
+
+def warm_up(images: np.ndarray, where: Path, checkpoint: Path, data: dict) -> None:
+    """A small full encode and update first, not reported: what a process does once (lazy
+    imports, first calls into Arrow, HDF5 and PIL) is start-up, not either encode's cost."""
+    from vqtok.flows.encode_flow import encode_flow
+
+    folder = where / "images"
+    write_folder(images, folder, range(100))
+    settings = {**data, "dataset": f"imagefolder:{folder}"}
+    for step in range(2):
+        if step:
+            write_folder(images, folder, range(100, 105))
+            write_folder(images, folder, [3], offset=7)
+            (folder / f"{5:06d}.png").unlink()
+        encode_flow(checkpoint=str(checkpoint), out=str(where / "store"), data=settings,
+                    progress=False)
 
 
 def by_key(store: Path) -> dict[str, tuple]:

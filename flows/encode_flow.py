@@ -291,7 +291,7 @@ def _plan_version(versions: StoreVersions, source: Any, meta: TokenMeta, formats
                        and _shard_size_of(previous) == shard_size)
         if not reencode:
             # A shard file lost or cut since it was published: its rows are encoded again.
-            damaged = PreviousShards.read(previous_root).damaged_ids()
+            damaged = PreviousShards.read(previous_root, previous_keys).damaged_ids()
     changes = source_changes(source, previous_keys)
     if (current is not None and not reencode and same_layout and not len(damaged)
             and not (len(changes.added) or len(changes.changed) or len(changes.removed))):

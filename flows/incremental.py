@@ -132,9 +132,11 @@ class PreviousShards:
     intact: dict[str, list[bool]]
 
     @classmethod
-    def read(cls, root: Path) -> PreviousShards:
+    def read(cls, root: Path, keymap: KeyMap | None = None) -> PreviousShards:
+        """``keymap``: the version's key map when the caller has already read it."""
         manifest = Manifest(manifest_path(root))
-        keymap = KeyMap.read(bookkeeping_dir(root) / KEYMAP_NAME)
+        if keymap is None:
+            keymap = KeyMap.read(bookkeeping_dir(root) / KEYMAP_NAME)
         ids: dict[str, list[np.ndarray]] = {}
         intact: dict[str, list[bool]] = {}
         for split, rows in manifest.split_rows.items():

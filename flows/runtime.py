@@ -98,11 +98,12 @@ _FOLDERS: dict[str, ImageFolderSource] = {}
 def cached_source(data: DataConfig) -> ImageSource:
     """The source of ``data``, opened once per process while its files stay the same (an
     image rewritten in place under the same name in an image folder is not noticed until the
-    process restarts; incremental encodes still see it, by its stamp)."""
+    process restarts; incremental encodes still see it: its stamp is read again)."""
     key = _data_key(data)
     if data.dataset.startswith("imagefolder:"):
         kept = _FOLDERS.get(key)
         if kept is not None and kept.listing_unchanged():
+            kept.forget_stamps()  # a file rewritten in place changes no folder's stamp
             return kept
         source = open_source(data)
         if isinstance(source, ImageFolderSource):

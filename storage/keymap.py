@@ -13,7 +13,9 @@ changed, removed and left alone; only the first two need encoding.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +71,8 @@ class KeyMap:
         }).replace_schema_metadata({_META_KEY: json.dumps({"next_id": self.next_id})})
         target = AtomicFile(path)
         try:
-            pq.write_table(table, target.temp, compression="zstd")
+            # Keys and hashes are all distinct: only the split column gains from a dictionary.
+            pq.write_table(table, target.temp, compression="zstd", use_dictionary=["split"])
             return target.publish()
         except BaseException:
             target.abort()
@@ -77,6 +80,17 @@ class KeyMap:
 
     @classmethod
     def read(cls, path: Path) -> KeyMap:
+        """Read once per process while the file stays the same file (a key map is written
+        whole and replaced, never changed in place): the driver and the shard tasks of one
+        encode both need the previous version's. Callers must not change its arrays."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise TokenStoreError(path, "no key map; the store version is incomplete") from None
+        return _read_keymap(str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def _read(cls, path: Path) -> KeyMap:
         import pyarrow.parquet as pq
 
         try:
@@ -88,10 +102,19 @@ class KeyMap:
         except (OSError, KeyError, ValueError, TypeError) as exc:
             raise TokenStoreError(path, f"unreadable key map ({exc}); it is corrupt") from None
         column = {name: table.column(name).to_numpy(zero_copy_only=False) for name in _COLUMNS}
-        return cls(keys=column["key"].astype(object), ids=column["id"].astype(np.int64),
-                   splits=column["split"].astype(object), hashes=column["sha256"].astype(object),
-                   stamps=column["stamp"].astype(object), present=column["present"].astype(bool),
-                   next_id=next_id)
+        arrays = {"keys": column["key"].astype(object), "ids": column["id"].astype(np.int64),
+                  "splits": column["split"].astype(object),
+                  "hashes": column["sha256"].astype(object),
+                  "stamps": column["stamp"].astype(object),
+                  "present": column["present"].astype(bool)}
+        for array in arrays.values():
+            array.flags.writeable = False  # shared by every reader in this process
+        return cls(**arrays, next_id=next_id)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_keymap(path: str, _inode: int, _size: int, _mtime_ns: int) -> KeyMap:
+    return KeyMap._read(Path(path))
 
 
 @dataclass(frozen=True)
@@ -149,8 +172,7 @@ def reconcile(previous: KeyMap | None, keys: Sequence[str], stamps: Sequence[str
                      present=np.ones(n, dtype=bool), next_id=n, position=positions)
         return Changes(new, added=positions.copy(), changed=_none(), removed=_none())
 
-    lookup = {key: row for row, key in enumerate(previous.keys.tolist())}
-    rows = np.fromiter((lookup.get(k, -1) for k in keys_arr.tolist()), dtype=np.int64, count=n)
+    rows = _rows_of(keys_arr, previous.keys)
     known = rows >= 0
     known_rows = rows[known]
     was_present = np.zeros(n, dtype=bool)
@@ -196,6 +218,18 @@ def reconcile(previous: KeyMap | None, keys: Sequence[str], stamps: Sequence[str
     )
     return Changes(new, added=np.sort(ids[added]), changed=np.sort(ids[changed]),
                    removed=np.sort(removed))
+
+
+def _rows_of(keys: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Row of each key in ``known`` (unique), -1 where absent: one hash join in Arrow, not a
+    Python dict of every key (a folder has one key per image)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not len(keys) or not len(known):
+        return np.full(len(keys), -1, dtype=np.int64)
+    found = pc.index_in(pa.array(keys, pa.string()), value_set=pa.array(known, pa.string()))
+    return found.fill_null(-1).to_numpy().astype(np.int64)
 
 
 def _hashes(hashes: HashFn, positions: np.ndarray) -> np.ndarray:

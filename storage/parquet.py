@@ -82,12 +82,14 @@ CodesEncoding = Literal["auto", "dictionary", "byte_stream_split", "plain"]
 #   that is whole bytes, which zstd's Huffman stage codes at ~1.01x the entropy. Above 256
 #   the 9+ bit packing defeats zstd (~1.24x) and BYTE_STREAM_SPLIT (low and high bytes as
 #   separate streams) gets ~1.14x, so "auto" decides from the first row group's codes.
-# - zstd level 12: the smallest files among the levels that still write >= 5M tokens/s
-#   (16+ save another 2% but write 4-5x slower).
+# - zstd level 6: level 12 saves 1% on byte-stream-split codes (> 256 codes in use; at most
+#   256, every level writes the same dictionary file) but writes 2.5-3x slower, and an
+#   incremental update rewrites every shard it touches, kept rows and all: writing is a cost
+#   of every nightly run, not only of the first (16+ save another 2%, 6-10x slower).
 # - row groups of ~1M tokens: 1k-row groups cost 6% in size and load slower; larger groups
 #   only add writer memory.
 DEFAULT_CODES_ENCODING: CodesEncoding = "auto"
-DEFAULT_ZSTD_LEVEL = 12
+DEFAULT_ZSTD_LEVEL = 6
 DEFAULT_ROW_GROUP_TOKENS = 1 << 20
 DICTIONARY_MAX_DISTINCT = 256
 _ENCODINGS = ("auto", "dictionary", "byte_stream_split", "plain")

@@ -119,7 +119,9 @@ def test_rewriting_one_file_changes_its_stamp_and_hash_only(folder):
     assert changed == [1]
     assert [i for i in range(4) if new_hashes[i] != hashes[i]] == [1]
     assert new_hashes[1] == sha(target.read_bytes())
-    assert before.item_stamps() == new_stamps  # stamps are read now, not at opening
+    assert before.item_stamps() == stamps  # as its listing found them...
+    before.forget_stamps()  # ...until told to look again (flows.runtime does)
+    assert before.item_stamps() == new_stamps
 
 
 def test_adding_a_file_keeps_the_other_keys_and_hashes(folder, pictures):
@@ -139,6 +141,7 @@ def test_adding_a_file_keeps_the_other_keys_and_hashes(folder, pictures):
 def test_imagefolder_file_gone_since_opening_is_a_data_error(folder):
     images = source(f"imagefolder:{folder}")
     (folder / "dog/001.png").unlink()
+    images.forget_stamps()
     with pytest.raises(DataError, match="dog/001.png: cannot stat"):
         images.item_stamps()
     with pytest.raises(DataError, match="dog/001.png: cannot read"):
@@ -340,5 +343,8 @@ def test_stamps_change_with_the_files_mtime(folder):
     path = folder / "top.png"
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, touched
+    assert images.item_stamps()[3] == f"{st.st_size}:{st.st_mtime_ns}"  # as listed
+    images.forget_stamps()
     assert images.item_stamps()[3] == f"{st.st_size}:{st.st_mtime_ns + 10**9}"
+    assert source(f"imagefolder:{folder}").item_stamps()[3] == images.item_stamps()[3]
     assert images.content_hashes([3]) == [sha(path.read_bytes())]

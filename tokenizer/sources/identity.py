@@ -38,7 +38,12 @@ def stamp(path: str | os.PathLike[str]) -> str:
     except OSError as exc:
         raise DataError(f"{path}: cannot stat ({exc.strerror or exc}); the dataset changed "
                         "since it was opened, open it again") from None
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return format_stamp(st.st_size, st.st_mtime_ns)
+
+
+def format_stamp(size: int, mtime_ns: int) -> str:
+    """A stamp from a stat already made (a folder listing stats every file once)."""
+    return f"{size}:{mtime_ns}"
 
 
 def repeated_stamps(files: Sequence[Path], counts: Sequence[int]) -> list[str]:

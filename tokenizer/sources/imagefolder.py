@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 
@@ -16,7 +17,7 @@ from ..errors import DataError
 from ..splits import holdout_splits
 from .base import ImageSource
 from .decoding import read_array, to_batch
-from .identity import positions_array, sha256_hex, stamp
+from .identity import format_stamp, positions_array, sha256_hex, stamp
 from .shards import listing_fingerprint
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -36,7 +37,8 @@ class ImageFolderSource(ImageSource):
                 f"imagefolder:{root}: image files are read as 1 or 3 channels, the config has "
                 f"data.channels {cfg.channels}; set 1 or 3"
             )
-        names, sizes, self._folders = _scan(root)
+        listing = _scan(root)
+        names, self._folders = listing.names, listing.folders
         if not names:
             raise DataError(f"imagefolder:{root}: no .png/.jpg/.jpeg files found")
         tops = [name.split("/", 1)[0] if "/" in name else None for name in names]
@@ -52,8 +54,9 @@ class ImageFolderSource(ImageSource):
         self.name = f"imagefolder:{root}"
         self.channels, self.image_size = cfg.channels, cfg.image_size
         self.splits, self.split_rule = holdout_splits(len(names)), True
-        self.fingerprint = listing_fingerprint(
-            (name, size, mtime) for name, (size, mtime) in zip(names, sizes, strict=True))
+        self.fingerprint = listing_fingerprint(names, listing.sizes, listing.mtimes)
+        self._stamps: list[str] | None = list(map(format_stamp, listing.sizes,
+                                                       listing.mtimes))
 
     def load_batch(self, ids: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         ids = np.asarray(ids, dtype=np.int64)
@@ -66,9 +69,18 @@ class ImageFolderSource(ImageSource):
         return list(self.names)
 
     def item_stamps(self) -> list[str]:
-        """Read now, not at opening: a long-lived process that keeps this source (flows.
-        runtime caches it) still sees a file rewritten in place."""
-        return [stamp(path) for path in self.paths]
+        """As the listing found them, or read again after ``forget_stamps``: the listing
+        already stat'ed every file, and a second stat per file would double the cost of an
+        incremental update's look at the folder."""
+        if self._stamps is None:
+            self._stamps = [stamp(path) for path in self.paths]
+        return list(self._stamps)
+
+    def forget_stamps(self) -> None:
+        """Make the next ``item_stamps`` stat every file again: a long-lived process that
+        keeps this source (flows.runtime does while ``listing_unchanged``) must still see a
+        file rewritten in place, which changes no folder's stamp."""
+        self._stamps = None
 
     def content_hashes(self, positions: Sequence[int] | np.ndarray) -> list[str]:
         return [sha256_hex(_read_bytes(self.paths[i]))
@@ -87,17 +99,32 @@ class ImageFolderSource(ImageSource):
         return [Path(path) for path in self.paths]
 
 
-def _scan(root: Path) -> tuple[list[str], list[tuple[int, int]], list[tuple[str, str]]]:
+@dataclass(frozen=True)
+class _Listing:
+    """Image files below a root, sorted; each one's size and mtime_ns; each folder's stamp."""
+
+    names: list[str]
+    sizes: list[int]
+    mtimes: list[int]
+    folders: list[tuple[str, str]]
+
+
+def _scan(root: Path) -> _Listing:
     """Image files below ``root`` (posix paths below it, sorted as paths: by their parts),
-    each one's (size, mtime_ns), and each folder's stamp taken before it was listed, from
-    one scandir pass with one stat per file. Like ``rglob``: symlinked files count,
-    symlinked folders are not entered, unreadable subfolders are skipped."""
-    found: list[tuple[list[str], str, int, int]] = []
+    with each folder's stamp taken before it was listed, from one scandir pass with one stat
+    per file. Like ``rglob``: symlinked files count, symlinked folders are not entered,
+    unreadable subfolders are skipped. Lean on purpose: an incremental update of an image
+    folder lists every file, and this loop is most of that update's own cost."""
+    names: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
     folders: list[tuple[str, str]] = []
     pending = [""]
+    suffixes = IMAGE_SUFFIXES
     while pending:
         below_root = pending.pop()
         folder = str(root / below_root) if below_root else str(root)
+        prefix = f"{below_root}/" if below_root else ""
         try:
             folders.append((folder, folder_stamp(folder)))
             with os.scandir(folder) as entries:
@@ -107,18 +134,26 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[int, int]], list[tuple[str,
                 raise
             continue
         for entry in listed:
-            name = f"{below_root}/{entry.name}" if below_root else entry.name
+            name = entry.name
             if entry.is_dir(follow_symlinks=False):
-                pending.append(name)
-            elif (dot := entry.name.rfind(".")) > 0 and entry.name[dot:].lower() in IMAGE_SUFFIXES:
-                try:
-                    st = entry.stat()
-                except OSError:  # a dangling link
-                    continue
-                if S_ISREG(st.st_mode):
-                    found.append((name.split("/"), name, st.st_size, st.st_mtime_ns))
-    found.sort(key=lambda item: item[0])
-    return [item[1] for item in found], [(item[2], item[3]) for item in found], folders
+                pending.append(prefix + name)
+                continue
+            dot = name.rfind(".")
+            if dot <= 0 or name[dot:].lower() not in suffixes:
+                continue
+            try:
+                st = entry.stat()
+            except OSError:  # a dangling link
+                continue
+            if S_ISREG(st.st_mode):
+                names.append(prefix + name)
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime_ns)
+    # By parts, as paths sort: "/" below every other character does that for whole strings.
+    keys = np.array([name.replace("/", "\0") for name in names] if len(folders) > 1 else names)
+    order = np.argsort(keys, kind="stable").tolist() if len(names) else []
+    return _Listing([names[i] for i in order], [sizes[i] for i in order],
+                    [mtimes[i] for i in order], folders)
 
 
 def folder_stamp(folder: str) -> str:

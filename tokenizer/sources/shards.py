@@ -7,7 +7,7 @@ import glob
 import hashlib
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,16 +92,19 @@ def files_fingerprint(files: Sequence[Path], root: Path, extra: str = "") -> str
     """sha256 over each file's path below ``root``, size and mtime: cheap (one stat each) and
     changed by any file added, removed, renamed or rewritten. ``extra``: settings that change
     what the files mean (which member is the image, how ids are split)."""
-    listing = ((str(below(p, root)), st.st_size, st.st_mtime_ns) for p in files
-               for st in [p.stat()])
-    return listing_fingerprint(listing, extra)
+    stats = [p.stat() for p in files]
+    return listing_fingerprint([str(below(p, root)) for p in files],
+                               [st.st_size for st in stats], [st.st_mtime_ns for st in stats],
+                               extra)
 
 
-def listing_fingerprint(listing: Iterable[tuple[str, int, int]], extra: str = "") -> str:
-    """files_fingerprint of (path below root, size, mtime_ns) already listed."""
-    h = hashlib.sha256()
-    for name, size, mtime_ns in listing:
-        h.update(f"{name}\0{size}\0{mtime_ns}\n".encode())
+def listing_fingerprint(names: Sequence[str], sizes: Sequence[int], mtimes_ns: Sequence[int],
+                        extra: str = "") -> str:
+    """files_fingerprint of files already listed (paths below the root, sizes, mtimes), in
+    a few whole-array hash updates: an image folder has one entry per image."""
+    h = hashlib.sha256("\0".join(names).encode("utf-8", "surrogateescape"))
+    h.update(np.asarray(sizes, dtype=np.int64).tobytes())
+    h.update(np.asarray(mtimes_ns, dtype=np.int64).tobytes())
     if extra:
         h.update(extra.encode())
     return h.hexdigest()
