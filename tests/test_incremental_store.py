@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 from vqtok.flows.cli import main
 from vqtok.storage import load_grid, read_tokens
+from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.keymap import KeyMap, reconcile
 from vqtok.storage.versions import StoreVersions
 
@@ -122,6 +123,25 @@ def test_key_map_file_round_trip(tmp_path):
                                                                                        "h2"]
     assert pd.read_parquet(tmp_path / "keys.parquet").columns.tolist() == [
         "key", "id", "split", "sha256", "stamp", "present"]
+
+
+def test_a_key_map_read_twice_is_shared_until_its_file_is_replaced(tmp_path):
+    def write(keys):
+        reconcile(None, keys, None, lambda p: [f"h{i}" for i in p],
+                  np.array(["train"] * len(keys), dtype=object), rule=None,
+                  ).keymap.write(tmp_path / "keys.parquet")
+
+    write(["a", "b"])
+    first = KeyMap.read(tmp_path / "keys.parquet")
+    assert KeyMap.read(tmp_path / "keys.parquet") is first  # one read per process
+    with pytest.raises(ValueError, match="read-only"):
+        first.ids[0] = 7  # shared by every reader: nobody may change it
+    write(["a", "b", "c"])  # published by rename: a new file
+    again = KeyMap.read(tmp_path / "keys.parquet")
+    assert again.keys.tolist() == ["a", "b", "c"] and first.keys.tolist() == ["a", "b"]
+    (tmp_path / "keys.parquet").unlink()
+    with pytest.raises(TokenStoreError, match="no key map"):
+        KeyMap.read(tmp_path / "keys.parquet")
 
 
 # -- whole encodes ----------------------------------------------------------------------------
