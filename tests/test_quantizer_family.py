@@ -18,6 +18,7 @@ from vqtok.tokenizer.quantizers import (
     nearest_code,
     squared_distances,
 )
+from vqtok.tokenizer.quantizers.vq import scratch
 from vqtok.tokenizer.stats import level_histograms
 from vqtok.tokenizer.usage import usage_report
 
@@ -146,6 +147,35 @@ def test_rvq_stages_learn_on_their_own_residuals():
     assert rvq.stages[1].embedding.norm(dim=1).mean() < first.embedding.norm(dim=1).mean()
     assert float(residual.norm(dim=1).mean()) < float(z.norm(dim=1).mean())
     assert len(rvq.generators()) == 2
+
+
+@pytest.mark.parametrize("options", [{}, {"ema": False, "codebook_dim": 8}])
+def test_rvq_temporaries_from_their_own_mappings_change_no_value(options):
+    """Residual VQ's stages take z-sized temporaries from mappings of their own (so glibc
+    gives the pages back on free): forward values, indices, gradients and the learned state
+    equal the ordinary allocations' bit for bit. z here is 1 MiB, big enough to be mapped."""
+    runs = []
+    for mapped in (True, False):
+        torch.manual_seed(0)
+        rvq = ResidualVectorQuantizer(64, 64, depth=3, **options).train()
+        assert all(stage.mapped_temporaries for stage in rvq.stages)
+        for stage in rvq.stages:
+            stage.mapped_temporaries = mapped
+        outputs = []
+        for step in range(2):
+            z = torch.randn(64, 64, 8, 8, generator=torch.Generator().manual_seed(step))
+            z.requires_grad_()
+            out = rvq(z)
+            (out.quantized.square().mean() + out.loss).backward()
+            outputs += [out.quantized.detach(), out.indices, z.grad]
+        runs.append((outputs, rvq.state_dict()))
+    (mapped_out, mapped_state), (plain_out, plain_state) = runs
+    assert all(torch.equal(a, b) for a, b in zip(mapped_out, plain_out, strict=True))
+    assert all(torch.equal(mapped_state[k], plain_state[k]) for k in plain_state)
+    assert VectorQuantizer(8, 2).mapped_temporaries is False  # plain vq: ordinary allocations
+    big = scratch((512, 1024), torch.zeros(1), mapped=True)
+    assert big.shape == (512, 1024) and big.is_contiguous()
+    assert big.untyped_storage().nbytes() >= 33 * 2**20  # over glibc's largest threshold
 
 
 # --- vq options ----------------------------------------------------------------------------

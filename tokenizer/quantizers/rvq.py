@@ -39,6 +39,9 @@ class ResidualVectorQuantizer(nn.Module):
         self.stages = nn.ModuleList(
             VectorQuantizer(num_embeddings, embedding_dim, seed=seed + i, **stage_options)
             for i in range(depth))
+        if depth > 1:  # stages free and ask for z-sized blocks in turn: see vq.scratch
+            for stage in self.stages:
+                stage.mapped_temporaries = True
 
     @property
     def codebook(self) -> torch.Tensor:

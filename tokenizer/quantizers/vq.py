@@ -63,23 +63,52 @@ def nearest_code(
         code_sq = (codes * codes).sum(dim=1)
         row_chunk, code_chunk = _block_shape(n, k, chunk_bytes, z.device)
         indices = torch.empty(n, dtype=torch.long, device=z.device)
+        block = torch.empty(row_chunk, code_chunk, dtype=z.dtype, device=z.device)  # one for all
         for r0 in range(0, n, row_chunk):
             rows = z[r0 : r0 + row_chunk]
             if code_chunk == k:
-                dist = torch.addmm(code_sq, rows, codes.t(), beta=1.0, alpha=-2.0)
+                dist = torch.addmm(code_sq, rows, codes.t(), beta=1.0, alpha=-2.0,
+                                   out=block[: rows.shape[0]])
                 torch.argmin(dist, dim=1, out=indices[r0 : r0 + row_chunk])
                 continue
             best = torch.full((rows.shape[0],), float("inf"), device=z.device)
             best_idx = torch.zeros(rows.shape[0], dtype=torch.long, device=z.device)
             for c0 in range(0, k, code_chunk):
                 part = codes[c0 : c0 + code_chunk]
-                dist = torch.addmm(code_sq[c0 : c0 + code_chunk], rows, part.t(), alpha=-2.0)
+                dist = torch.addmm(code_sq[c0 : c0 + code_chunk], rows, part.t(), alpha=-2.0,
+                                   out=block[: rows.shape[0], : part.shape[0]])
                 val, idx = dist.min(dim=1)
                 better = val < best  # strict: ties keep the lower index, as argmin does
                 best = torch.where(better, val, best)
                 best_idx = torch.where(better, idx + c0, best_idx)
             indices[r0 : r0 + row_chunk] = best_idx
     return indices
+
+
+#: glibc maps a request above its largest dynamic mmap threshold (32 MiB) afresh and unmaps
+#: it when freed.
+_ALWAYS_MAPPED_BYTES = 33 * 2**20
+
+
+def scratch(shape: tuple[int, ...], like: torch.Tensor, mapped: bool) -> torch.Tensor:
+    """An uninitialised temporary shaped ``shape``, of ``like``'s dtype and device.
+
+    ``mapped`` (CPU): cut from a mapping of at least 33 MiB, which glibc makes afresh and
+    unmaps on free, so the pages go back the moment the temporary dies (only the pages
+    written count in RSS). Allocated the ordinary way, a z-sized temporary comes from glibc's
+    heap once its mmap threshold has risen past that size, and a freed heap block is not
+    reused by the next request of the same size (torch asks for 64-byte aligned blocks, a few
+    bytes more): residual VQ's stages, each freeing and asking for the same sizes, piled up
+    dead heap. Mapping costs a page fault per page written, ~8 % of a plain vq step at
+    K = 512, so only residual VQ asks for it.
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    if not mapped or like.device.type != "cpu" or numel * like.element_size() < 2**20:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    room = max(numel, _ALWAYS_MAPPED_BYTES // like.element_size())
+    return torch.empty(room, dtype=like.dtype)[:numel].view(shape)
 
 
 def _layout(z: torch.Tensor) -> torch.memory_format:
@@ -89,7 +118,8 @@ def _layout(z: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _gather_like(codebook: torch.Tensor, indices: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _gather_like(codebook: torch.Tensor, indices: torch.Tensor, z: torch.Tensor,
+                 mapped: bool = False) -> torch.Tensor:
     """``codebook[indices]`` as a (B, D, H, W) tensor stored like ``z``, in one gather.
 
     For channels_last ``z`` the rows of an embedding gather are already in place. For the
@@ -99,7 +129,9 @@ def _gather_like(codebook: torch.Tensor, indices: torch.Tensor, z: torch.Tensor)
     b, d, h, w = z.shape
     if _layout(z) == torch.channels_last:
         return codebook.index_select(0, indices).view(b, h, w, d).permute(0, 3, 1, 2)
-    columns = codebook.t().contiguous().index_select(1, indices)  # (D, N)
+    by_column = scratch((d, codebook.shape[0]), codebook, mapped).copy_(codebook.t())
+    columns = scratch((d, indices.numel()), codebook, mapped)
+    torch.index_select(by_column, 1, indices, out=columns)  # (D, N)
     return columns.view(d, b, h * w).transpose(0, 1).contiguous().view(b, d, h, w)
 
 
@@ -118,11 +150,11 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, z: torch.Tensor, flat: torch.Tensor, codebook: torch.Tensor,
-        indices: torch.Tensor,
+        indices: torch.Tensor, mapped: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=z.device.type, enabled=False):
             codes = codebook.detach()
-            out = _gather_like(codes, indices, z).to(z.dtype)
+            out = _gather_like(codes, indices, z, mapped).to(z.dtype)
             wide = out.element_size() < 4  # fp16/bf16: the losses in fp32
             diff = out.float() - z.detach().float() if wide else out - z.detach()
             per_element = diff.permute(0, 2, 3, 1) if _layout(z) == torch.channels_last else diff
@@ -142,7 +174,7 @@ class _StraightThrough(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_out: torch.Tensor, grad_commitment: torch.Tensor,
         grad_codebook: torch.Tensor,
-    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
+    ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None]:
         diff, code_sums = ctx.saved_tensors
         grad_z = grad_rows = None
         if ctx.needs_input_grad[0]:
@@ -152,7 +184,7 @@ class _StraightThrough(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             # d/de_k mean((q - z)^2) = 2 sum_{i -> k} (e_k - z_i) / n
             grad_rows = code_sums * (grad_codebook.to(diff.dtype) * (2.0 / diff.numel()))
-        return grad_z, None, grad_rows, None
+        return grad_z, None, grad_rows, None, None
 
 
 def squared_distances(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -203,6 +235,8 @@ class VectorQuantizer(nn.Module):
     """
 
     depth = 1  # one index per vector (see ResidualVectorQuantizer for more)
+    #: temporaries the size of z from their own mappings (``scratch``); residual VQ sets it
+    mapped_temporaries = False
 
     def __init__(
         self,
@@ -328,7 +362,11 @@ class VectorQuantizer(nn.Module):
         self._check_width(z)
         b, _, h, w = z.shape
         z = self.to_code_space(z)
-        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # a view if channels_last
+        if self.mapped_temporaries and _layout(z) == torch.contiguous_format:
+            flat = scratch((b * h * w, z.shape[1]), z, mapped=True)
+            flat.view(b, h, w, z.shape[1]).copy_(z.detach().permute(0, 2, 3, 1))
+        else:
+            flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # a view if chan.-last
         learning = self.training and torch.is_grad_enabled()
         if learning and not bool(self.initialized):
             self._kmeans_init(flat.float())
@@ -336,7 +374,8 @@ class VectorQuantizer(nn.Module):
         if learning:
             self._learn(flat.float(), indices)
 
-        out, commitment, codebook_loss = _StraightThrough.apply(z, flat, self.codes(), indices)
+        out, commitment, codebook_loss = _StraightThrough.apply(z, flat, self.codes(), indices,
+                                                                self.mapped_temporaries)
         if self.rotation_trick:  # the same value, the gradient through the rotation instead
             out = rotate_onto(z, out.detach())
         if self.ema:  # the codebook follows the EMA, not a loss
@@ -357,7 +396,9 @@ class VectorQuantizer(nn.Module):
         dist.all_reduce_sum_(counts)
         self.usage_counts += counts
         if self.ema:
-            sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat)
+            sums = scratch(tuple(self.ema_sum.shape), self.ema_sum,
+                           self.mapped_temporaries).zero_()
+            sums.index_add_(0, indices, flat)
             self._ema_update(dist.all_reduce_sum_(sums), counts)
         self._restart_dead_codes(flat, counts)
 
@@ -381,8 +422,9 @@ class VectorQuantizer(nn.Module):
         self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.ema_count.sum()
         smoothed = (self.ema_count + self.eps) / (total + self.num_embeddings * self.eps) * total
-        codes = self.ema_sum / smoothed[:, None]
-        self.embedding.copy_(F.normalize(codes, dim=1) if self.l2_normalize else codes)
+        torch.div(self.ema_sum, smoothed[:, None], out=self.embedding)  # no K x D temporary
+        if self.l2_normalize:
+            self.embedding.copy_(F.normalize(self.embedding, dim=1))
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
