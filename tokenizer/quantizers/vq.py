@@ -14,6 +14,7 @@ and ``rotation_trick`` (the gradient estimator of ``rotation.py`` instead of str
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -102,9 +103,7 @@ def scratch(shape: tuple[int, ...], like: torch.Tensor, mapped: bool) -> torch.T
     dead heap. Mapping costs a page fault per page written, ~8 % of a plain vq step at
     K = 512, so only residual VQ asks for it.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     if not mapped or like.device.type != "cpu" or numel * like.element_size() < 2**20:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     room = max(numel, _ALWAYS_MAPPED_BYTES // like.element_size())
