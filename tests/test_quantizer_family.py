@@ -126,13 +126,28 @@ def test_rvq_stages_code_the_residuals_and_sum_to_the_output():
     first = rvq.stages[0](z)
     second = rvq.stages[1](z - first.quantized)
     assert torch.equal(out.quantized, first.quantized + second.quantized)
-    assert torch.allclose(out.loss, first.loss + second.loss)
+    # every stage's codebook loss, and one commitment: z against the whole stack's codes
+    assert torch.allclose(out.commitment_loss, ((z - out.quantized) ** 2).mean())
+    assert torch.allclose(out.loss, first.codebook_loss + second.codebook_loss
+                          + 0.25 * out.commitment_loss)
     for stage, residual, level in ((0, z, 0), (1, z - first.quantized, 1)):
         flat = residual[0, :, 0].t()
         argmin = squared_distances(flat, rvq.stages[stage].embedding).argmin(1)
         assert torch.equal(out.indices[0, 0, :, level], argmin)
     assert torch.equal(rvq.encode(z), out.indices)
     assert torch.equal(rvq.lookup(out.indices), out.quantized)
+
+
+def test_rvq_commits_the_encoder_to_the_sum_of_the_stages():
+    """d loss / d z is beta * 2 (z - total) / n: the pull towards the whole stack's code, not
+    towards each stage's partial sum."""
+    rvq = _toy_rvq()
+    z = torch.tensor([[3.7, 0.6], [0.2, 3.1], [-1.4, -0.2]]).t().reshape(1, 2, 1, 3)
+    z.requires_grad_()
+    out = rvq(z)
+    (grad,) = torch.autograd.grad(out.loss, z)
+    total = torch.tensor([[4, 1], [0, 3], [-1, 0.]]).t().reshape(1, 2, 1, 3)
+    assert torch.allclose(grad, 0.25 * 2 * (z.detach() - total) / z.numel())
 
 
 def test_rvq_stages_learn_on_their_own_residuals():
