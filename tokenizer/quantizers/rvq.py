@@ -96,7 +96,9 @@ class ResidualVectorQuantizer(nn.Module):
             total = total + out.quantized
             codebook_loss = codebook_loss + out.codebook_loss
         # The last stage's residual is z less the earlier stages' (detached) codes, so its
-        # commitment is the whole stack's: value and gradient of beta ||z - sg(total)||^2.
+        # commitment is the whole stack's: for plain stages, value and gradient of
+        # beta ||z - sg(total)||^2; with codebook_dim or l2_normalize it is measured in the
+        # last stage's code space (projected, normalised residual) instead.
         commitment = outs[-1].commitment_loss
         loss = codebook_loss + self.stages[-1].beta * commitment
         return QuantizerOutput(total, self._stack([o.indices for o in outs]), loss,
