@@ -46,30 +46,47 @@ def test_fsq_codes_and_indices_of_levels_3_4_by_hand():
 
 
 def test_fsq_bounds_with_tanh_and_rounds_to_each_dimensions_levels():
-    """Odd L = 3: z_b = tanh(z) * 0.999. Even L = 4: half_l = 1.4985, offset 0.5,
-    shift = atanh(0.5 / 1.4985), z_b = tanh(z + shift) * 1.4985 - 0.5 (z = 0 -> 0)."""
+    """Odd L = 3: half_l = 3 * 0.999 / 2 = 1.4985, z_b = tanh(z) * 1.4985. Even L = 4:
+    half_l = 1.998, offset 0.5, shift = atanh(0.5 / 1.998), z_b = tanh(z + shift) * 1.998
+    - 0.5 (z = 0 -> 0)."""
     fsq = FiniteScalarQuantizer([3, 4])
-    shift = math.atanh(0.5 / 1.4985)
+    shift = math.atanh(0.5 / 1.998)
     z = torch.tensor([[0.5, 0.0], [1.0, 1.0], [-2.0, -3.0], [9.0, 9.0]])
-    expected = [[math.tanh(a) * 0.999, math.tanh(b + shift) * 1.4985 - 0.5] for a, b in z.tolist()]
+    expected = [[math.tanh(a) * 1.4985, math.tanh(b + shift) * 1.998 - 0.5] for a, b in z.tolist()]
     bounded = fsq.bound(z[:, :, None, None])[:, :, 0, 0]
     assert torch.allclose(bounded, torch.tensor(expected), atol=1e-6)
     assert bounded[0, 1].abs() < 1e-6  # the shift puts 0 on 0 for even L
-    # rounded: (0, 0) (1, 1) (-1, -2) (1, 1) -> codes (0, 0) (1, .5) (-1, -1) (1, .5)
+    # z_b (.692, 0) (1.141, 1.198) (-1.445, -2.481) (1.4985, 1.498), rounded (1, 0) (1, 1)
+    # (-1, -2) (1, 1) -> codes (1, 0) (1, .5) (-1, -1) (1, .5); digits + (1, 2), 3 per digit 1
     out = fsq(z[:, :, None, None])
     assert torch.equal(out.quantized[:, :, 0, 0],
-                       torch.tensor([[0, 0], [1, 0.5], [-1, -1], [1, 0.5]]))
-    assert out.indices.flatten().tolist() == [7, 11, 0, 11]
+                       torch.tensor([[1, 0], [1, 0.5], [-1, -1], [1, 0.5]]))
+    assert out.indices.flatten().tolist() == [8, 11, 0, 11]
     assert float(out.loss) == 0 and float(out.commitment_loss) == 0
 
 
 def test_fsq_with_two_levels_splits_at_zero():
-    """L = 2: half_l = 0.4995, offset 0.5 and no shift: z_b = tanh(z) * 0.4995 - 0.5, so
+    """L = 2: half_l = 0.999, offset 0.5 and no shift: z_b = tanh(z) * 0.999 - 0.5, so
     z < 0 rounds to -1 (code -1) and z > 0 to 0 (code 0)."""
     fsq = FiniteScalarQuantizer([2])
     out = fsq(torch.tensor([-3.0, -0.1, 0.1, 3.0]).view(1, 1, 1, 4))
     assert out.quantized.flatten().tolist() == [-1, -1, 0, 0]
     assert out.indices.flatten().tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("levels", [5, 8])
+def test_every_fsq_level_rounds_from_an_equal_share_of_tanhs_range(levels):
+    """tanh(z + shift) spread evenly over (-1, 1) lands on each of the L levels 1/L of the
+    time (the outer two 0.1 % less, for eps), where the paper's half_l = (L - 1) / 2 would
+    give the outer levels 1 / (2 (L - 1)) each: 1/8 instead of 1/5 for L = 5."""
+    fsq = FiniteScalarQuantizer([levels])
+    n = 100_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n * 2 - 1  # midpoints of (-1, 1)
+    z = torch.atanh(u) - fsq._shift.double()
+    counts = torch.bincount(fsq.encode(z.float().view(1, 1, 1, n)).flatten(), minlength=levels)
+    share = counts.double() / n
+    assert torch.allclose(share, torch.full((levels,), 1 / levels, dtype=torch.float64),
+                          atol=0.001)
 
 
 @pytest.mark.parametrize("levels", [[3, 4], [8, 5, 5, 5], [2, 7, 6]])
@@ -80,7 +97,7 @@ def test_every_fsq_index_maps_back_to_itself(levels):
     assert torch.equal(fsq.codes_to_indices(fsq.indices_to_codes(every)), every)
     # and through the quantizer: an input bounded near each code's integer encodes to it
     lv = torch.tensor(levels, dtype=torch.float64)
-    half_l, offset = (lv - 1) * (1 - 1e-3) / 2, torch.where(lv % 2 == 0, 0.5, 0.0)
+    half_l, offset = lv * (1 - 1e-3) / 2, torch.where(lv % 2 == 0, 0.5, 0.0)
     rounded = fsq.indices_to_codes(every).double() * (lv // 2)
     # inside the open bounded range (-half_l - offset, half_l - offset), rounding the same
     target = torch.maximum(torch.minimum(rounded, half_l - offset - 0.1), -half_l - offset + 0.1)
@@ -97,8 +114,8 @@ def test_fsq_rounds_straight_through():
     fsq = FiniteScalarQuantizer([5])
     z = torch.tensor([0.3, -1.2]).view(1, 1, 1, 2).requires_grad_(True)
     fsq(z).quantized.sum().backward()
-    # d/dz tanh(z) * half_l / half_width, half_l = 4 * 0.999 / 2, half_width 2
-    expected = (1 - torch.tanh(z.detach()) ** 2) * (4 * 0.999 / 2) / 2
+    # d/dz tanh(z) * half_l / half_width, half_l = 5 * 0.999 / 2, half_width 2
+    expected = (1 - torch.tanh(z.detach()) ** 2) * (5 * 0.999 / 2) / 2
     assert torch.allclose(z.grad, expected, atol=1e-6)
 
 

@@ -5,12 +5,18 @@ The codebook is implicit, the grid of all level combinations (``prod(levels)`` c
 there is nothing to learn, nothing to collapse and no codebook or commitment loss: the
 encoder learns to use the grid through straight-through rounding.
 
-Bounding, per dimension with L levels: ``half_l = (L - 1) (1 - eps) / 2``, ``offset`` 0 for
+Bounding, per dimension with L levels: ``half_l = L (1 - eps) / 2``, ``offset`` 0 for
 odd L and 0.5 for even L, ``shift = atanh(offset / half_l)``, and
 ``z_b = tanh(z + shift) * half_l - offset``. Rounding ``z_b`` gives the integers
-``-(L // 2) .. (L - 1) // 2``, L values (for odd L simply ``round(tanh(z) (L - 1) / 2)``;
+``-(L // 2) .. (L - 1) // 2``, L values (for odd L simply ``round(tanh(z) L (1 - eps) / 2)``;
 the shift makes z = 0 land on 0 for even L too, except L = 2, where no shift is needed),
 and the code is that integer divided by ``L // 2``, in [-1, 1].
+
+``z_b`` spans (-L/2, L/2) less eps, so every level, the two outermost included, rounds from
+an interval of width 1. The paper's ``half_l = (L - 1) / 2`` gives the outer levels half
+that, and they are used about half as often: fsq [8, 8, 8] on MNIST reaches 98 % usage
+with it against 100 % with this (benchmarks/quantizers.py). Only the bounding differs;
+the grid, the codes and the indices are the paper's.
 
 Indices: the level index of dimension c is ``digit_c = round(z_b) + L_c // 2`` in
 [0, L_c), and the code's index is the mixed-radix number with dimension 0 least
@@ -50,7 +56,7 @@ class FiniteScalarQuantizer(nn.Module):
         self.embedding_dim = len(levels)
         self.codebook_size = self.num_embeddings = math.prod(levels)
         lv = torch.tensor(levels, dtype=torch.float64)
-        half_l = (lv - 1) * (1 - eps) / 2
+        half_l = lv * (1 - eps) / 2
         offset = torch.where(lv % 2 == 0, 0.5, 0.0)
         basis = [math.prod(levels[:c]) for c in range(len(levels))]
         self.register_buffer("_levels", torch.tensor(levels), persistent=False)
