@@ -150,6 +150,42 @@ def test_dead_code_restart_revives_an_unused_code():
     assert q.steps_unused[3].item() == 0
 
 
+def _restart_toy(num_embeddings: int) -> tuple[VectorQuantizer, torch.Tensor]:
+    """Code 0 at the origin, the others far away (so unused); the batch: ten vectors exactly
+    on code 0 (like MNIST's background) and two off it, at (1, 0) and (0, 2)."""
+    q = VectorQuantizer(num_embeddings=num_embeddings, embedding_dim=2, ema=False,
+                        kmeans_init=False, restart_after=1, seed=0)
+    with torch.no_grad():
+        q.codebook.zero_()
+        q.codebook[1:] = 100.0
+    vectors = torch.cat([torch.zeros(10, 2), torch.tensor([[1.0, 0.0], [0.0, 2.0]])])
+    return q.train(), vectors.T.reshape(1, 2, 3, 4)
+
+
+def test_restarts_draw_distinct_vectors_that_no_code_sits_on():
+    # codes 1 and 2 are dead after one step; the ten vectors on code 0 have error 0, so
+    # both restarts must take the two others, one each, whatever the random draw
+    for seed in range(5):
+        q, z = _restart_toy(3)
+        q.generator.manual_seed(seed)
+        q(z)
+        assert sorted(q.codebook[1:].tolist()) == [[0.0, 2.0], [1.0, 0.0]]
+        assert q.steps_unused.tolist() == [0, 0, 0]
+
+
+def test_restarts_beyond_the_vectors_worth_drawing_wait_for_the_next_step():
+    q, z = _restart_toy(4)  # three dead codes, two vectors off code 0
+    q(z)
+    assert sorted(q.codebook[1:3].tolist()) == [[0.0, 2.0], [1.0, 0.0]]
+    assert q.codebook[3].tolist() == [100.0, 100.0]  # left dead, still counted as unused
+    assert q.steps_unused.tolist() == [0, 0, 0, 1]
+    far = torch.tensor([[5.0, 5.0]]).T.reshape(1, 2, 1, 1)
+    # the next step: code 0 is unused too now, but code 3 has waited longer; the one
+    # vector off its code revives it
+    q(far)
+    assert q.codebook[3].tolist() == [5.0, 5.0]
+
+
 def test_kmeans_initialises_the_codebook_on_the_first_training_batch():
     centres = torch.tensor([[-5.0, -5.0], [-5.0, 5.0], [5.0, -5.0], [5.0, 5.0]])
     g = torch.Generator().manual_seed(0)
