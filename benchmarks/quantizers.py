@@ -4,9 +4,10 @@ held-out images against the mean-image baseline.
 MNIST: one epoch of the 60k training images (the quality benchmark's budget: batch 64, Adam
 1e-3, hidden 128, latent 64, 7x7 grids), measured on the 10k test images. CIFAR-10 dev: five
 epochs on images 0-2999, measured on 3000-3999 (8x8 grids). Kinds at about equal bits per
-token (9): vq K=512, fsq [8,8,8], vq K=512 through 8-wide l2-normalised codes, vq K=512 with
-the rotation trick; residual vq 4 x 512 (36 bits); and on MNIST the large codebooks
-K = 16,384 (vq, codebook_dim 8 + l2) and fsq [8,8,8,6,5] (15,360 codes).
+token (9): vq K=512, fsq [8,8,8] (with fsq_mlp, and as ``fsq-888-linear`` with the paper's
+linear maps), vq K=512 through 8-wide l2-normalised codes, vq K=512 with the rotation
+trick; residual vq 4 x 512 (36 bits); and on MNIST the large codebooks K = 16,384 (vq,
+codebook_dim 8 + l2) and fsq [8,8,8,6,5] (15,360 codes).
 
     python benchmarks/quantizers.py --data-root ../shared/data/mnist \
         --npz ../shared/data/cifar10-dev/cifar10_train_4000.npz --out runs/quantizers \
@@ -40,6 +41,9 @@ from vqtok.tokenizer.training import make_optimizer, start_fresh, warmup_steps
 KINDS: dict[str, dict[str, Any]] = {
     "vq-512": {},
     "fsq-888": {"quantizer.kind": "fsq", "quantizer.levels": [8, 8, 8]},
+    # The paper's linear maps into and out of the grid (fsq checkpoints from before fsq_mlp).
+    "fsq-888-linear": {"quantizer.kind": "fsq", "quantizer.levels": [8, 8, 8],
+                       "quantizer.fsq_mlp": False},
     "vq-512-d8-l2": {"quantizer.codebook_dim": 8, "quantizer.l2_normalize": True},
     "vq-512-rotation": {"quantizer.rotation_trick": True},
     "rvq-4x512": {"quantizer.kind": "rvq", "quantizer.depth": 4},
@@ -52,7 +56,8 @@ KINDS: dict[str, dict[str, Any]] = {
 }
 UNQUANTIZED = {"autoencoder"}
 DATASETS = {"mnist": [k for k in KINDS if k not in UNQUANTIZED],
-            "cifar": ["vq-512", "fsq-888", "vq-512-d8-l2", "vq-512-rotation", "rvq-4x512"]}
+            "cifar": ["vq-512", "fsq-888", "fsq-888-linear", "vq-512-d8-l2", "vq-512-rotation",
+                      "rvq-4x512"]}
 # --kinds may add "autoencoder" to either dataset.
 
 
@@ -81,6 +86,7 @@ def kind_config(base: Config, overrides: dict[str, Any], seed: int) -> Config:
     raw = base.model_dump()
     if overrides.get("quantizer.kind") == "fsq":  # sizes follow from the levels
         del raw["model"]["embedding_dim"], raw["model"]["num_embeddings"]
+    del raw["quantizer"]["fsq_mlp"]  # the kind's default unless the kind sets it
     return parse_config(apply_overrides(raw, {**overrides, "seed": seed}), source="benchmark")
 
 

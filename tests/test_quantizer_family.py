@@ -303,6 +303,7 @@ KINDS = {
     "vq": {},
     "vq-options": {"codebook_dim": 2, "l2_normalize": True, "rotation_trick": True},
     "fsq": {"kind": "fsq", "levels": [3, 4]},
+    "fsq-linear": {"kind": "fsq", "levels": [3, 4], "fsq_mlp": False},
     "rvq": {"kind": "rvq", "depth": 3},
     "rvq-options": {"kind": "rvq", "depth": 2, "codebook_dim": 3, "rotation_trick": True,
                     "ema": False},
@@ -348,10 +349,24 @@ def test_every_kind_trains_encodes_decodes_and_round_trips_a_checkpoint(kind, tm
 
 
 def test_fsq_model_maps_the_encoder_to_len_levels_and_counts_prod_levels():
+    """fsq_mlp (the default): an activation and a 1x1 conv into the grid, a 1x1 conv to the
+    hidden width and an activation out of it; without: one 1x1 conv in, the decoder reads
+    the codes."""
     model = build_model(_config(kind="fsq", levels=[3, 4]))
-    assert (model.pre_quant.in_channels, model.pre_quant.out_channels) == (4, 2)
+    pre, post = model.pre_quant, model.post_quant
+    assert [type(m) for m in pre] == [torch.nn.LeakyReLU, torch.nn.Conv2d]
+    assert (pre[1].in_channels, pre[1].out_channels, pre[1].kernel_size) == (4, 2, (1, 1))
+    assert [type(m) for m in post] == [torch.nn.Conv2d, torch.nn.LeakyReLU]
+    assert (post[0].in_channels, post[0].out_channels, post[0].kernel_size) == (2, 8, (1, 1))
+    assert model.decoder[0].in_channels == 8  # TINY's hidden_channels
     assert model.num_embeddings == 12 and model.depth == 1
     assert not any(k.startswith("quantizer.") for k in model.state_dict())
+
+    linear = build_model(_config(kind="fsq", levels=[3, 4], fsq_mlp=False))
+    assert isinstance(linear.pre_quant, torch.nn.Conv2d)
+    assert (linear.pre_quant.in_channels, linear.pre_quant.out_channels) == (4, 2)
+    assert isinstance(linear.post_quant, torch.nn.Identity)
+    assert linear.decoder[0].in_channels == 2
 
 
 def test_decode_checks_shape_and_range_per_level():
@@ -406,6 +421,11 @@ def test_fsq_sizes_follow_from_the_levels():
     assert (config.model.embedding_dim, config.model.num_embeddings) == (4, 1000)
     again = config.with_overrides(**{"quantizer.levels": [3, 4]})
     assert (again.model.embedding_dim, again.model.num_embeddings) == (2, 12)
+    assert config.quantizer.fsq_mlp and again.quantizer.fsq_mlp
+    back = config.with_overrides(**{"quantizer.kind": "vq",
+                                    "model.embedding_dim": 64, "model.num_embeddings": 512})
+    assert back.quantizer.levels is None and back.quantizer.fsq_mlp is False
+    assert parse_config({}).quantizer.fsq_mlp is False
     assert parse_config(config.model_dump()) == config  # what config.json stores reloads
 
 
@@ -433,6 +453,8 @@ def test_fsq_sizes_follow_from_the_levels():
     ({"quantizer": {"kind": "fsq", "rotation_trick": True}},
      "config: section 'quantizer': rotation_trick applies to kinds vq and rvq, not fsq; "
      "remove it"),
+    ({"quantizer": {"fsq_mlp": True}},
+     "config: section 'quantizer': fsq_mlp applies to kind fsq only (kind is vq); remove it"),
     ({"quantizer": {"kind": "lfq"}},
      "config: key 'quantizer.kind': Input should be 'vq', 'fsq' or 'rvq' (got 'lfq')"),
 ])
@@ -469,3 +491,21 @@ def test_a_config_json_from_before_the_family_loads(tmp_path):
     assert type(loaded.quantizer) is VectorQuantizer
     x = torch.rand(3, 1, 8, 8)
     assert torch.equal(loaded.encode(x), model.eval().encode(x))
+
+
+def test_an_fsq_checkpoint_from_before_fsq_mlp_loads_with_linear_projections(tmp_path):
+    config = _config(kind="fsq", levels=[3, 4], fsq_mlp=False)
+    torch.manual_seed(0)
+    model = build_model(config)
+    model.train()(torch.rand(8, 1, 8, 8))
+    save_checkpoint(tmp_path / "ck", model, config)
+    meta_path = tmp_path / "ck" / "config.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["quantizer"]["fsq_mlp"]
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_tokenizer(tmp_path / "ck")
+    assert isinstance(loaded.post_quant, torch.nn.Identity)
+    x = torch.rand(3, 1, 8, 8)
+    codes = model.eval().encode(x)
+    assert torch.equal(loaded.encode(x), codes)
+    assert torch.equal(loaded.decode(codes), model.decode(codes))

@@ -88,6 +88,12 @@ class QuantizerConfig(_Strict):
         min_length=1,
     )
     depth: int = Field(1, ge=1)  # rvq: residual stages, each with model.num_embeddings codes
+    # fsq: the encoder reaches the grid through an activation and a 1x1 conv, and the decoder
+    # reads each grid point through a 1x1 conv to model.hidden_channels and an activation: a
+    # learned code embedding, the nonlinear map from code to vector that vq's codebook is.
+    # False: one linear 1x1 conv into the grid and the decoder reading the C-wide codes (the
+    # paper's; fsq checkpoints from before this key). Measured in benchmarks/quantizers.py.
+    fsq_mlp: bool = Field(default_factory=lambda data: data.get("kind") == "fsq")
 
     @model_validator(mode="after")
     def _options_fit_the_kind(self) -> QuantizerConfig:
@@ -98,6 +104,8 @@ class QuantizerConfig(_Strict):
             for name in ("codebook_dim", "l2_normalize", "rotation_trick"):
                 if getattr(self, name):
                     raise ValueError(f"{name} applies to kinds vq and rvq, not fsq; remove it")
+        elif self.fsq_mlp:
+            raise ValueError(f"fsq_mlp applies to kind fsq only (kind is {self.kind}); remove it")
         elif self.levels is not None:
             raise ValueError(f"levels apply to kind fsq only (kind is {self.kind}); remove "
                              "them or set kind: fsq")
@@ -149,6 +157,9 @@ class Config(_Strict):
             for key in ("embedding_dim", "num_embeddings"):
                 if key not in self.model.model_fields_set:
                     raw["model"].pop(key)
+        for key in ("levels", "fsq_mlp"):  # defaults that follow the kind follow a new kind
+            if key not in self.quantizer.model_fields_set:
+                raw["quantizer"].pop(key)
         return parse_config(apply_overrides(raw, dotted), source="overrides")
 
 
@@ -191,6 +202,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "model.center_input": False,
     "model.init_output_bias": False,
     "quantizer.warmup_steps": 0,
+    "quantizer.fsq_mlp": False,
     "train.min_gain_over_baseline_db": None,
     "train.adam_betas": [0.9, 0.999],
 }

@@ -3,7 +3,9 @@
 Shapes for the defaults (28x28 MNIST, two downsamplings): image (B, 1, 28, 28) ->
 encoder (B, 64, 7, 7) -> codes (B, 7, 7) in [0, 512) -> decoder (B, 1, 28, 28) in [0, 1].
 The quantizer is the one ``quantizer.kind`` names (``quantizers.build_quantizer``); a
-residual one of depth > 1 gives codes (B, 7, 7, depth).
+residual one of depth > 1 gives codes (B, 7, 7, depth). Around it, ``pre_quant`` maps the
+encoder's output to the code width and ``post_quant`` the codes to the decoder's input
+(identity but for fsq with ``quantizer.fsq_mlp``).
 
 The model also keeps the mean image of its training data (a buffer, saved with the
 weights): the trivial baseline its reconstructions are judged against (``tokenizer.health``)
@@ -61,10 +63,10 @@ def _encoder(in_channels: int, cfg: ModelConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _decoder(out_channels: int, cfg: ModelConfig) -> nn.Sequential:
+def _decoder(out_channels: int, cfg: ModelConfig, in_channels: int) -> nn.Sequential:
     """Mirror of the encoder: a 3x3, then stride-2 4x4 transposed convs, then a sigmoid."""
     layers: list[nn.Module] = [
-        nn.ConvTranspose2d(cfg.embedding_dim, cfg.hidden_channels, 3, padding=1)
+        nn.ConvTranspose2d(in_channels, cfg.hidden_channels, 3, padding=1)
     ]
     layers += [
         ResidualBlock(cfg.hidden_channels, cfg.residual_channels, cfg)
@@ -109,13 +111,23 @@ class VQVAE(nn.Module):
         self.center_input = model.center_input
         self.downsample_factor = 2**model.num_downsamples
         self.encoder = _encoder(in_channels, model)
-        self.pre_quant = (
+        self.pre_quant: nn.Module = (
             nn.Conv2d(model.latent_channels, model.embedding_dim, 1)
             if model.latent_channels != model.embedding_dim
             else nn.Identity()
         )
         self.quantizer = build_quantizer(quantizer, model, seed=seed)
-        self.decoder = _decoder(in_channels, model)
+        # fsq's grid is a few fixed numbers per position: with fsq_mlp the decoder reads
+        # a learned, nonlinear embedding of them (vq's decoder reads a learned code vector).
+        self.post_quant: nn.Module = nn.Identity()
+        decoder_in = model.embedding_dim
+        if quantizer.fsq_mlp:
+            self.pre_quant = nn.Sequential(
+                _activation(model), nn.Conv2d(model.latent_channels, model.embedding_dim, 1))
+            self.post_quant = nn.Sequential(
+                nn.Conv2d(model.embedding_dim, model.hidden_channels, 1), _activation(model))
+            decoder_in = model.hidden_channels
+        self.decoder = _decoder(in_channels, model, decoder_in)
         # How many training images ``mean_image`` averages; 0: not known (checkpoints from
         # before it existed load with 0, see ``_fill_missing_mean_image``).
         self.register_buffer("mean_image", torch.zeros(in_channels, image_size, image_size))
@@ -171,7 +183,7 @@ class VQVAE(nn.Module):
         indices are still the nearest codes."""
         z = self.latent(x)
         q = self.quantizer(z) if quantize else self.quantizer.passthrough(z)
-        reconstruction = self.decoder(q.quantized)
+        reconstruction = self.decoder(self.post_quant(q.quantized))
         recon_loss = F.mse_loss(reconstruction.float(), x.float())
         return VQVAEOutput(
             reconstruction=reconstruction,
@@ -216,7 +228,7 @@ class VQVAE(nn.Module):
                 where = "" if depth == 1 else f"of level {i} "
                 raise ValueError(f"codes {where}must lie in [0, {k}); got "
                                  f"[{int(level.min())}, {int(level.max())}]")
-        return self.decoder(self.quantizer.lookup(codes)).float()
+        return self.decoder(self.post_quant(self.quantizer.lookup(codes))).float()
 
 
 
