@@ -23,7 +23,7 @@ off; ``pip install 'vqtok[bench]'``).
 With ``--family`` the candidates are the quantizer family instead, each against vqtok's vq
 (EMA) at the same K (column ``x vq``): codebook_dim 8, codebook_dim 8 + l2, the rotation
 trick, rvq depth 4 (with and without codebook_dim 8; its ``x vq`` is per stage, since it
-does depth searches) and fsq with prod(levels) = K reached through 1x1 convs from and to D
+does depth searches) and fsq with prod(levels) = K reached through fsq_mlp's maps from and to D
 (``FSQ_LEVELS``). Issue 13's targets: ``x vq`` <= 1.5 at every K, peak extra <= 300 MiB at
 K = 65,536 for vq and rvq with and without codebook_dim.
 
@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 from lecture_vq import LectureQuantizer
+from vqtok.tokenizer.model import LEAKY_SLOPE
 from vqtok.tokenizer.quantizers import (
     FiniteScalarQuantizer,
     QuantizerOutput,
@@ -84,7 +85,7 @@ LABELS = {
     "vqtok-rotation": "vq, rotation trick",
     "vqtok-rvq4": "rvq, depth 4",
     "vqtok-rvq4-cdim8": "rvq, depth 4, cdim 8",
-    "fsq": "fsq (+ 1x1 convs 64->d->64)",
+    "fsq": "fsq (+ mlp maps 64->d->64)",
 }
 #: fsq levels with prod(levels) = K, for the Ks this benchmark is run at.
 FSQ_LEVELS = {512: [8, 8, 8], 8192: [8, 8, 8, 4, 4], 65536: [8, 8, 8, 8, 4, 4]}
@@ -153,14 +154,17 @@ def _module(name: str, k: int, dim: int) -> torch.nn.Module:
 
 
 class _ProjectedFSQ(torch.nn.Module):
-    """FSQ reached from D-wide vectors the way a model reaches it (1x1 convs to len(levels)
-    and back), so it takes and gives what the other candidates do."""
+    """FSQ reached from D-wide vectors the way a model with ``fsq_mlp`` (the default)
+    reaches it (an activation and a 1x1 conv to len(levels), a 1x1 conv back and an
+    activation), so it takes and gives what the other candidates do."""
 
     def __init__(self, dim: int, levels: list[int]) -> None:
         super().__init__()
-        self.down = torch.nn.Conv2d(dim, len(levels), 1)
+        self.down = torch.nn.Sequential(torch.nn.LeakyReLU(LEAKY_SLOPE),
+                                        torch.nn.Conv2d(dim, len(levels), 1))
         self.fsq = FiniteScalarQuantizer(levels)
-        self.up = torch.nn.Conv2d(len(levels), dim, 1)
+        self.up = torch.nn.Sequential(torch.nn.Conv2d(len(levels), dim, 1),
+                                      torch.nn.LeakyReLU(LEAKY_SLOPE))
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         out = self.fsq(self.down(z))
