@@ -88,7 +88,9 @@ def init_from_env(device: str = "auto") -> Launch:
 
 def shutdown() -> None:
     """Leave the process group together: a rank that tore down its gloo pairs while another
-    still used them aborted now and then ("terminate called without an active exception")."""
+    still used them aborted now and then ("terminate called without an active exception").
+    The same abort also came later, in the interpreter's finalization: torchrun's workers
+    leave through ``train_main.exit_now``, which skips it."""
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()
