@@ -476,36 +476,34 @@ def test_build_quantizer_makes_each_kind():
         build_quantizer(fsq_config.quantizer, model)
 
 
-def test_a_config_json_from_before_the_family_loads(tmp_path):
-    config = _config()
+def _saved_without(tmp_path, config, keys):
+    """A trained-a-little model saved with ``keys`` left out of its stored quantizer
+    config, as a vqtok from before those keys wrote it."""
     torch.manual_seed(0)
     model = build_model(config)
     model.train()(torch.rand(8, 1, 8, 8))
     save_checkpoint(tmp_path / "ck", model, config)
     meta_path = tmp_path / "ck" / "config.json"
     meta = json.loads(meta_path.read_text())
-    for key in ("kind", "codebook_dim", "l2_normalize", "rotation_trick", "levels", "depth"):
+    for key in keys:
         del meta["config"]["quantizer"][key]
     meta_path.write_text(json.dumps(meta))
-    loaded = load_tokenizer(tmp_path / "ck")
+    return model.eval(), load_tokenizer(tmp_path / "ck")
+
+
+def test_a_config_json_from_before_the_family_loads(tmp_path):
+    model, loaded = _saved_without(tmp_path, _config(), (
+        "kind", "codebook_dim", "l2_normalize", "rotation_trick", "levels", "depth", "fsq_mlp"))
     assert type(loaded.quantizer) is VectorQuantizer
     x = torch.rand(3, 1, 8, 8)
-    assert torch.equal(loaded.encode(x), model.eval().encode(x))
+    assert torch.equal(loaded.encode(x), model.encode(x))
 
 
 def test_an_fsq_checkpoint_from_before_fsq_mlp_loads_with_linear_projections(tmp_path):
     config = _config(kind="fsq", levels=[3, 4], fsq_mlp=False)
-    torch.manual_seed(0)
-    model = build_model(config)
-    model.train()(torch.rand(8, 1, 8, 8))
-    save_checkpoint(tmp_path / "ck", model, config)
-    meta_path = tmp_path / "ck" / "config.json"
-    meta = json.loads(meta_path.read_text())
-    del meta["config"]["quantizer"]["fsq_mlp"]
-    meta_path.write_text(json.dumps(meta))
-    loaded = load_tokenizer(tmp_path / "ck")
+    model, loaded = _saved_without(tmp_path, config, ("fsq_mlp",))
     assert isinstance(loaded.post_quant, torch.nn.Identity)
     x = torch.rand(3, 1, 8, 8)
-    codes = model.eval().encode(x)
+    codes = model.encode(x)
     assert torch.equal(loaded.encode(x), codes)
     assert torch.equal(loaded.decode(codes), model.decode(codes))
