@@ -1,6 +1,8 @@
 """DDP training on 2 CPU processes (gloo) and the sharding rules behind it."""
 
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from vqtok.tokenizer.distributed import shard_batch, shard_eval
 from vqtok.tokenizer.training import evaluate
 
 from tests.conftest import TINY
-from tests.helpers import write_npz
+from tests.helpers import console_command, write_npz
 
 
 def test_batch_shares_cover_the_global_batch_once_and_every_rank_gets_some():
@@ -77,6 +79,30 @@ def test_two_process_training_keeps_every_rank_identical_and_resumes_exactly(tmp
     assert stored["images"] == 5
     assert stored["mse"] == pytest.approx(single["mse"], rel=1e-6)
     assert stored["codes_used"] == single["codes_used"]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_train_nproc_2_from_the_console_command_outside_the_repo(tmp_path):
+    """What users run: the installed script in a subprocess from another folder, bounded by a
+    timeout (a hang fails the test, not the CI job)."""
+    from prefect.settings import PREFECT_API_URL
+
+    raw = json.loads(json.dumps(TINY))
+    raw["data"]["dataset"] = f"npz:{write_npz(tmp_path / 'images.npz', n=50)}"
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [console_command(), "train", "--config", str(tmp_path / "tiny.yaml"), "--out",
+         str(tmp_path / "run"), "--nproc", "2", "--quiet"],
+        cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes; identical weights on every rank: yes" in result.stdout + result.stderr
+    meta = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
+    assert meta["progress"]["step"] == 6  # 45 training images, batch 8, one epoch
+    assert load_tokenizer(tmp_path / "run").checkpoint_hash == meta["weights_sha256"]
 
 
 def test_too_many_processes_for_the_gpus_is_a_clear_error(tmp_path, monkeypatch, tiny_config):
