@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .heap import keep_freed_memory
+
 #: Batch sizes tried by ``fit_batch_size`` never exceed this.
 MAX_AUTO_BATCH = 8192
 CPU_WORKER_NICE = 10  # see Accel.worker_nice
@@ -56,7 +58,9 @@ class Accel:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Move the model to the device (and to channels_last when asked), in place."""
+        """Move the model to the device (and to channels_last when asked), in place; from
+        here on the process keeps freed host memory for the next step (``heap``)."""
+        keep_freed_memory()
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)

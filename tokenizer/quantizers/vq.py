@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as dist
+from ..heap import MMAP_THRESHOLD
 from .output import QuantizerOutput
 from .rotation import rotate_onto
 
@@ -86,9 +87,9 @@ def nearest_code(
     return indices
 
 
-#: glibc maps a request above its largest dynamic mmap threshold (32 MiB) afresh and unmaps
-#: it when freed.
-_ALWAYS_MAPPED_BYTES = 33 * 2**20
+#: glibc maps a request above its largest mmap threshold afresh and unmaps it when freed
+#: (also under ``heap.keep_freed_memory``, which fixes the threshold at that value).
+_ALWAYS_MAPPED_BYTES = MMAP_THRESHOLD + 2**20
 
 
 def scratch(shape: tuple[int, ...], like: torch.Tensor, mapped: bool) -> torch.Tensor:
