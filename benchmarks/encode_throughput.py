@@ -3,7 +3,9 @@
 The CLI run reads the MNIST IDX files, encodes all 70,000 images in shards and writes Parquet
 and HDF5 with manifest; the bare loop encodes the same images, preloaded as one float tensor,
 at the same batch size: the limit on this hardware. The bare loop runs before and after the
-CLI and their mean is the reference, so drift in machine load shows up as their spread.
+CLI and their mean is the reference, so drift in machine load shows up as their spread. The
+bare loop runs under the malloc policy the CLI's encode runs under (``tokenizer.heap``): the
+reference is the same allocator, not a slower one.
 
     python benchmarks/encode_throughput.py --data-root ../shared/data/mnist \
         --checkpoint runs/quality/checkpoint --out runs/encode-bench
@@ -46,6 +48,7 @@ import torch
 from vqtok.tokenizer import load_tokenizer, save_checkpoint
 from vqtok.tokenizer.checkpoint import build_model
 from vqtok.tokenizer.config import Config, DataConfig
+from vqtok.tokenizer.heap import keep_freed_memory
 from vqtok.tokenizer.sources import open_source
 
 TARGET = 0.85
@@ -204,7 +207,7 @@ def cli_encode(checkpoint: Path, data_root: str, out: Path, batch_size: int,
     done = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
     if done.returncode:
         raise SystemExit(f"encode failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    match = re.search(r"(\d+) images encoded .* at (\d+) img/s", done.stdout)
+    match = re.search(r"(\d+) images encoded\b.*? at (\d+) img/s", done.stdout)
     if not match:
         raise SystemExit(f"unexpected encode output:\n{done.stdout}")
     images = int(match.group(1))
@@ -229,6 +232,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2,
                         help="DataLoader workers for --source webdataset/parquet")
     args = parser.parse_args()
+    keep_freed_memory()  # as encode_ids does in the CLI
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data_root = str(Path(args.data_root).resolve())
