@@ -242,6 +242,34 @@ def test_rotation_trick_keeps_the_value_and_rotates_the_gradient():
     assert not torch.allclose(e.grad.flatten(), g)  # not straight-through
 
 
+def test_rotation_trick_gradient_equals_autograd_through_the_explicit_rotation():
+    """In 7-D, on a (B, D, H, W) layout: the hand-written backward (no R formed) against
+    autograd through s R e with s and R built as matrices and held constant."""
+    from vqtok.tokenizer.quantizers.rotation import rotate_onto
+
+    gen = torch.Generator().manual_seed(0)
+    e = torch.randn(2, 7, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(2, 7, 3, 2, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 7, 3, 2, generator=gen, dtype=torch.float64)
+    out = rotate_onto(e, q, dim=1)
+    assert torch.equal(out, q)
+    (out * g).sum().backward()
+
+    flat_e = e.detach().permute(0, 2, 3, 1).reshape(-1, 7).requires_grad_(True)
+    flat_q = q.permute(0, 2, 3, 1).reshape(-1, 7)
+    e_hat = (flat_e / flat_e.norm(dim=1, keepdim=True)).detach()
+    q_hat = flat_q / flat_q.norm(dim=1, keepdim=True)
+    r = (e_hat + q_hat) / (e_hat + q_hat).norm(dim=1, keepdim=True)
+    rot = (torch.eye(7, dtype=torch.float64) - 2 * r[:, :, None] * r[:, None, :]
+           + 2 * q_hat[:, :, None] * e_hat[:, None, :])
+    scale = (flat_q.norm(dim=1) / flat_e.norm(dim=1)).detach()
+    explicit = scale[:, None] * torch.einsum("nij,nj->ni", rot, flat_e)
+    assert torch.allclose(explicit, flat_q)  # s R e = q
+    (explicit * g.permute(0, 2, 3, 1).reshape(-1, 7)).sum().backward()
+    expected = flat_e.grad.view(2, 3, 2, 7).permute(0, 3, 1, 2)
+    assert torch.allclose(e.grad, expected, atol=1e-12)
+
+
 def test_rotation_trick_off_is_straight_through():
     q = _two_codes([[1.0, 0.0], [0.0, 4.0]], beta=0.0)
     e = torch.tensor([1.2, 1.6]).view(1, 2, 1, 1).requires_grad_(True)
