@@ -16,8 +16,9 @@ codebook_dim 8 + l2) and fsq [8,8,8,6,5] (15,360 codes).
 Every model is trained the way ``tokenize-dataset train`` trains it (``start_fresh``, the
 optimizer of ``make_optimizer``, the quantizer warm-up); one step of each per batch, each
 timed on its own. Reported per kind and seed: PSNR, usage and perplexity per level, bits per
-image (positions x levels x log2 K) and training seconds; then the targets of issue 13, each
-checked on its worst seed. Last line: one JSON object, also written to OUT/quantizers.json.
+image (positions x levels x log2 K), the latent error (vq, rvq) and training seconds; then
+the targets of issue 13, each checked on its worst seed. Last line: one JSON object, also
+written to OUT/quantizers.json.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from quality_common import parse_seeds, training_mean
 from vqtok.tokenizer.checkpoint import build_model
 from vqtok.tokenizer.config import Config, apply_overrides, parse_config
+from vqtok.tokenizer.quantizers.fsq import FiniteScalarQuantizer
 from vqtok.tokenizer.sources import open_source
 from vqtok.tokenizer.stats import level_histograms, psnr, usage_summary
 from vqtok.tokenizer.training import make_optimizer, start_fresh, warmup_steps
@@ -135,15 +137,26 @@ def train_side_by_side(models: dict[str, Any], configs: dict[str, Config], sourc
 def measure(model: Any, source: Any, ids: np.ndarray, baseline: torch.Tensor,
             quantized: bool = True) -> dict[str, Any]:
     """Held-out PSNR (and the baseline's), usage and perplexity per level, bits per image;
-    ``quantized`` False: PSNR of the unquantized path (the autoencoder ceiling)."""
+    ``quantized`` False: PSNR of the unquantized path (the autoencoder ceiling).
+
+    ``latent_error``: E||z - q||^2 / E||z||^2 between the encoder's output z and what the
+    quantizer hands the decoder, for the code-lookup kinds (vq, rvq); fsq's output is a
+    learned map of its grid point, not an approximation of z, so it has none.
+    """
     model.eval()
     sq = base_sq = 0.0
+    lookup = quantized and not isinstance(model.quantizer, FiniteScalarQuantizer)
+    z_err = z_energy = 0.0
     pixels = 0
     counts = np.zeros((model.depth, model.num_embeddings), dtype=np.int64)
     grid: tuple[int, ...] = ()
     for start in range(0, len(ids), 1000):
         x, _ = source.load_batch(ids[start : start + 1000])
         codes = model.encode(x)
+        if lookup:
+            z = model.latent(x).float()
+            z_err += float(((model.quantizer(z).quantized.float() - z) ** 2).sum())
+            z_energy += float((z ** 2).sum())
         reconstruction = (model.decode(codes) if quantized
                           else model(x, quantize=False).reconstruction.float())
         sq += float(((reconstruction - x) ** 2).sum())
@@ -156,6 +169,7 @@ def measure(model: Any, source: Any, ids: np.ndarray, baseline: torch.Tensor,
     return {"psnr": psnr(sq / pixels), "baseline_psnr": psnr(base_sq / pixels),
             "usage": [round(level["usage"], 4) for level in levels],
             "perplexity": [round(level["perplexity"], 1) for level in levels],
+            "latent_error": round(z_err / z_energy, 5) if lookup else None,
             "codebook_size": int(model.num_embeddings), "depth": int(model.depth),
             "bits_per_image": round(math.prod(grid) * model.depth
                                     * math.log2(model.num_embeddings), 1)}
@@ -236,12 +250,14 @@ def main() -> None:
             # Rows so far, so a long run that is stopped still leaves its figures.
             (out / "quantizers.partial.json").write_text(json.dumps(rows, indent=2))
     print(f"\n{'dataset':<7}{'seed':>5} {'kind':<17}{'PSNR dB':>8}{'base':>7}{'bits/img':>9}"
-          f"{'train s':>8}  usage per level / perplexity per level")
+          f"{'z err':>7}{'train s':>8}  usage per level / perplexity per level")
     for r in rows:
         usage = "/".join(f"{u:.1%}" for u in r["usage"])
         perplexity = "/".join(f"{p:.0f}" for p in r["perplexity"])
+        z_err = "-" if r["latent_error"] is None else f"{r['latent_error']:.1%}"
         print(f"{r['dataset']:<7}{r['seed']:>5} {r['kind']:<17}{r['psnr']:>8.2f}"
-              f"{r['baseline_psnr']:>7.2f}{r['bits_per_image']:>9.0f}{r['train_seconds']:>8.0f}"
+              f"{r['baseline_psnr']:>7.2f}{r['bits_per_image']:>9.0f}{z_err:>7}"
+              f"{r['train_seconds']:>8.0f}"
               f"  {usage} / {perplexity}")
     targets = check(rows)
     print()
