@@ -1,14 +1,16 @@
-"""What ``tokenizer.heap.keep_freed_memory`` saves: CPU training steps and encode batches
-with the policy and without it (``VQTOK_KEEP_FREED_MEMORY=0``), side by side.
+"""What ``tokenizer.heap.keep_freed_memory`` saves: CPU training steps, encode batches and
+token-prior steps with the policy and without it (``VQTOK_KEEP_FREED_MEMORY=0``), side by
+side.
 
 Each measurement runs in a fresh process (the policy is per process), the two settings
 alternating, on the bundled MNIST sample with the default config: ``--steps`` training steps
-(batch 64, as ``train`` runs them after the warm-up: quantized, Adam) and an encode of
-``--images`` images in batches of 256 through ``encode_ids`` (what ``encode`` runs). Both
-start after a few untimed steps, as a long run would be. Reported per workload and setting:
-median wall and CPU seconds (every thread of the process), system seconds, minor page
-faults and peak RSS; then the ratios of the medians. Last line: one JSON object, also
-written to OUT/heap.json.
+(batch 64, as ``train`` runs them after the warm-up: quantized, Adam), an encode of
+``--images`` images in batches of 256 through ``encode_ids`` (what ``encode`` runs), and
+``--steps`` steps of the default token prior (batch 128 of 7x7 grids over 512 codes, AdamW,
+as ``prior train`` runs them). Each starts after a few untimed steps, as a long run would.
+Reported per workload and setting: median wall and CPU seconds (every thread of the
+process), system seconds, minor page faults and peak RSS; then the ratios of the medians.
+Last line: one JSON object, also written to OUT/heap.json.
 
     python benchmarks/heap.py --repeats 3 --threads 2 --out runs/heap
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 SETTINGS = {"kept": {}, "returned": {"VQTOK_KEEP_FREED_MEMORY": "0"}}
+WORKLOADS = ("train", "encode", "prior")
 
 
 def _usage() -> tuple[float, float, int]:
@@ -42,6 +45,10 @@ def probe(workload: str, steps: int, images: int, threads: int) -> dict[str, Any
     from vqtok.tokenizer.checkpoint import build_model
     from vqtok.tokenizer.config import Config
     from vqtok.tokenizer.encode import encode_ids
+    from vqtok.tokenizer.heap import keep_freed_memory
+    from vqtok.tokenizer.prior import train as prior_train
+    from vqtok.tokenizer.prior.config import PriorConfig, PriorShape
+    from vqtok.tokenizer.prior.model import TokenPrior
     from vqtok.tokenizer.sources import open_source
     from vqtok.tokenizer.training import make_optimizer
 
@@ -63,6 +70,26 @@ def probe(workload: str, steps: int, images: int, threads: int) -> dict[str, Any
                 optimizer.step()
 
         model.train()
+        run(5)
+        amount = steps
+    elif workload == "prior":
+        keep_freed_memory()  # as train_prior does
+        prior_config = PriorConfig()
+        prior = TokenPrior(PriorShape(vocab_size=512, grid_h=7, grid_w=7, num_classes=10),
+                           prior_config.model).train()
+        prior_optimizer = prior_train.make_optimizer(prior, prior_config)
+        generator = torch.Generator().manual_seed(0)
+        batch = prior_config.train.batch_size
+        codes = torch.randint(512, (50, batch, 49), generator=generator)
+        labels = torch.randint(10, (50, batch), generator=generator)
+
+        def run(n: int) -> None:
+            for i in range(n):
+                loss = prior.loss(codes[i % 50], labels[i % 50])
+                prior_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                prior_optimizer.step()
+
         run(5)
         amount = steps
     else:
@@ -89,14 +116,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="runs/heap")
-    parser.add_argument("--probe", choices=["train", "encode"], help=argparse.SUPPRESS)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--probe", choices=WORKLOADS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         print(json.dumps(probe(args.probe, args.steps, args.images, args.threads)))
         return
 
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for workload in ("train", "encode"):
+    for workload in args.workloads.split(","):
         runs[workload] = {name: [] for name in SETTINGS}
         for repeat in range(args.repeats):
             order = list(SETTINGS) if repeat % 2 == 0 else list(reversed(SETTINGS))

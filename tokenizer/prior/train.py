@@ -29,6 +29,7 @@ from ..checkpoint_dir import (
     resume_mismatch,
 )
 from ..errors import TrainingError
+from ..heap import keep_freed_memory
 from ..stats import code_histogram, entropy_bits, position_stats
 from ..training import resolve_device
 from .checkpoint import load_prior, read_prior_meta, save_prior
@@ -183,6 +184,7 @@ def train_prior(
     out_dir = Path(out_dir)
     checkpoint = out_dir / "checkpoint"
     device = resolve_device(config.train.device)
+    keep_freed_memory()  # every step frees and asks again for ~0.5 GiB of activations
     codes, labels = stack_dataset(train_data)
     shape = infer_shape(codes, labels, vocab_size)
     codes = codes.reshape(len(codes), -1)
