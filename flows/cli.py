@@ -183,8 +183,10 @@ def encode_line(result: dict[str, Any]) -> str:
         return f"{result['changes']}: version {result['version']} stands -> {result['tokens']}"
     done = (f", {result['skipped_shards']} of {result['shards']} shards already done"
             if result["skipped_shards"] else "")
+    kept = (f", {result['salvaged']} rows kept from an unfinished earlier run"
+            if result.get("salvaged") else "")
     return (f"{result['changes']}: {result['encoded_images']} images encoded at "
-            f"{result['images_per_second']:.0f} img/s{done}; version {result['version']} "
+            f"{result['images_per_second']:.0f} img/s{kept}{done}; version {result['version']} "
             f"-> {result['tokens']}")
 
 

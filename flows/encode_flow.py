@@ -27,11 +27,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from vqtok.flows.errors import located
 from vqtok.flows.incremental import (
+    SALVAGE,
     PreviousShards,
+    Salvage,
     VersionPlan,
     copy_rows,
     kept_shard,
     read_plan,
+    read_salvage,
     source_changes,
     written_basis,
 )
@@ -95,14 +98,19 @@ def encode_shard(
     rows = slice(shard.start, shard.stop)
     ids, positions, encode = ids[rows], positions[rows], encode[rows]
     basis = read_plan(out).basis
-    kept = None if encode.any() or previous is None else kept_shard(
+    salvage = read_salvage(out)  # rows an abandoned attempt encoded: copied, not encoded
+    salvaged = (encode & np.isin(ids, salvage.ids) if salvage is not None
+                else np.zeros(len(ids), dtype=bool))
+    encode = encode & ~salvaged
+    kept = None if encode.any() or salvaged.any() or previous is None else kept_shard(
         previous, basis, split, index, ids, formats, shard_size)
     try:
         if kept is not None:
             store.adopt_shard(shard, kept)
         else:
-            _write_shard(store, shard, ids, positions, encode, (previous, basis), checkpoint,
-                         data, batch_size, device, num_workers, progress)
+            _write_shard(store, shard, ids, positions, encode, (previous, basis),
+                         (salvage, salvaged), checkpoint, data, batch_size, device,
+                         num_workers, progress)
     except OSError as exc:  # still an OSError (so retried); now it names the shard
         raise located(exc, store.tokens_dir / str(shard)) from exc
     pause_point("encode-shard-published")
@@ -113,15 +121,21 @@ def encode_shard(
 def _write_shard(store: ShardedTokenStore, shard: ShardSpec, ids: np.ndarray,
                  positions: np.ndarray, encode: np.ndarray,
                  previous: tuple[str | None, str],
+                 salvage: tuple[Salvage | None, np.ndarray],
                  checkpoint: str, data: dict[str, Any], batch_size: int | None, device: str,
                  num_workers: int, progress: bool) -> None:
-    """Rows copied from the previous version (its root and the plan's basis), the rest
-    encoded, written in id order."""
+    """Rows encoded, taken from the salvage of an abandoned attempt (the salvage and which
+    rows) or else copied from the previous version (its root and the plan's basis), written
+    in id order."""
     codes = np.empty((len(ids), *store.meta.grid_shape), dtype=store.meta.codes_dtype)
     labels = np.empty(len(ids), dtype=np.int64)
-    if not encode.all():
-        codes[~encode], labels[~encode] = copy_rows(str(previous[0]), previous[1], shard.split,
-                                                    ids[~encode])
+    held, salvaged = salvage
+    if held is not None and salvaged.any():
+        codes[salvaged], labels[salvaged] = held.rows(ids[salvaged])
+    copied = ~encode & ~salvaged
+    if copied.any():
+        codes[copied], labels[copied] = copy_rows(str(previous[0]), previous[1], shard.split,
+                                                  ids[copied])
     if encode.any():
         data_cfg = DataConfig.model_validate(data)
         source = cached_source(data_cfg)
@@ -263,6 +277,7 @@ class _Build:
     previous_root: Path | None
     plan: VersionPlan | None = None
     repaired: int = 0  # rows of damaged shards of the previous version, encoded again
+    salvaged: int = 0  # rows of an abandoned attempt's finished shards, copied
 
 
 def _plan_version(versions: StoreVersions, source: Any, meta: TokenMeta, formats: list[str],
@@ -276,9 +291,7 @@ def _plan_version(versions: StoreVersions, source: Any, meta: TokenMeta, formats
     previous_keys, same_layout, damaged = None, False, np.zeros(0, np.int64)
     if previous_root is not None:
         previous = _readable(Manifest, manifest_path(previous_root), current, reencode)
-        differ = [] if previous is None else [
-            d for d in meta.differences(previous.meta)
-            if d not in ("dataset", "dataset_fingerprint")]
+        differ = [] if previous is None else meta.tokenizer_differences(previous.meta)
         if differ and not reencode:
             raise TokenStoreError(versions.root, (
                 f"holds tokens of another tokenizer (different {', '.join(differ)}); write to "
@@ -303,14 +316,21 @@ def _plan_version(versions: StoreVersions, source: Any, meta: TokenMeta, formats
     repair = np.intersect1d(damaged, changes.keymap.ids[changes.keymap.present])
     plan = VersionPlan.build(changes, list(source.splits), reencode, basis, repair)
     unfinished = number - 1
+    salvage = None
     if unfinished > (current or 0):  # a version folder that was never published
-        if written_basis(versions.version_root(unfinished)) == plan.basis:
-            number = unfinished  # resume it: its finished shards are kept
-        else:
-            versions.discard(unfinished)  # started from other data: start again
-            number = unfinished
+        number = unfinished
+        old_root = versions.version_root(unfinished)
+        if written_basis(old_root) != plan.basis:  # started from other data: start again,
+            salvage = None if reencode else Salvage.harvest(old_root, meta)  # rows kept
+            versions.discard(unfinished)
     root = versions.version_root(number)
     root.mkdir(parents=True, exist_ok=True)
+    if salvage is not None:  # the plan stays as the data asks; shard tasks read the salvage
+        salvage = salvage.usable(changes.keymap, plan.encoded_ids())
+        if len(salvage.ids):
+            salvage.write(root)
+    else:  # resuming: what the first attempt salvaged (the basis does not name it)
+        salvage = read_salvage(str(root))
     store = ShardedTokenStore(root, meta, shard_size, formats, file_suffix=file_suffix(number))
     recorded = store.recorded_created_at()
     if recorded and recorded != meta.created_at:
@@ -319,7 +339,8 @@ def _plan_version(versions: StoreVersions, source: Any, meta: TokenMeta, formats
         meta = dataclasses.replace(meta, created_at=recorded)
     changes.keymap.write(bookkeeping_dir(root) / KEYMAP_NAME)
     plan.write(root)
-    return _Build(changes, meta, number, current, previous_root, plan, len(repair))
+    return _Build(changes, meta, number, current, previous_root, plan, len(repair),
+                  len(salvage.ids) if salvage is not None else 0)
 
 
 def _readable(read: Any, path: Path, number: int | None, reencode: bool) -> Any:
@@ -385,6 +406,7 @@ def _build_version(versions: StoreVersions, build: _Build, checkpoint: str,
                for call, result in zip(calls, outcomes, strict=True)]
     finalize_store(str(root), meta.to_dict(), shard_size, formats, splits, suffix,
                    {"store_version": build.number})
+    (bookkeeping_dir(root) / SALVAGE).unlink(missing_ok=True)  # copied into the shards now
     pause_point("encode-version-finalized")
     counts = build.changes.counts()
     versions.publish(build.number, {
@@ -400,6 +422,8 @@ def _build_version(versions: StoreVersions, build: _Build, checkpoint: str,
                 f"{result['encoded_images']} images in {seconds:.1f}s "
                 f"({result['images_per_second']:.0f} img/s); {result['skipped_shards']} of "
                 f"{len(results)} shards were already done"
+                + (f"; {build.salvaged} rows kept from an unfinished earlier run"
+                   if build.salvaged else "")
                 + (f"; removed versions {', '.join(map(str, pruned))}" if pruned else ""))
     return result
 
@@ -423,6 +447,7 @@ def _summary(paths: RunPaths, build: _Build, formats: list[str], results: list[d
         "changes": build.changes.summary() + (
             f"; {build.repaired} rows of damaged shards encoded again" if build.repaired else ""),
         "repaired": build.repaired,
+        "salvaged": build.salvaged,
         "counts": build.changes.counts(),
         "formats": formats,
         "splits": splits,

@@ -7,7 +7,10 @@ manifest). Shard tasks, here or on Dask workers, read the plan: a shard whose ro
 unchanged and equal to a shard of the previous version is hard-linked from it; any other is
 written from the previous version's rows plus newly encoded ones. The plan's basis (a
 digest of everything it was computed from) tells a re-run whether an unfinished version
-folder can be resumed or must be started again.
+folder can be resumed or must be started again. A folder started again (the data changed
+since it was begun, say a bad image fixed or a folder grown after a kill) hands its finished
+rows on as a salvage (``salvage.npz``): rows whose image is unchanged are copied from it,
+not encoded again.
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ import numpy as np
 from vqtok.files.atomic import AtomicFile, write_json_atomic
 from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.grid import TokenGrid, concat_grids
-from vqtok.storage.keymap import KEYMAP_NAME, Changes, KeyMap, reconcile
+from vqtok.storage.keymap import KEYMAP_NAME, Changes, KeyMap, reconcile, rows_of
 from vqtok.storage.layout import bookkeeping_dir, manifest_path
 from vqtok.storage.manifest import Manifest, load_shard, looks_intact
+from vqtok.storage.meta import TokenMeta
+from vqtok.storage.sharded import finished_shard_rows
 from vqtok.tokenizer.sources import ImageSource
 from vqtok.tokenizer.splits import holdout_split_of
 
 PLAN_ARRAYS = "plan.npz"
 PLAN_INFO = "plan.json"
+SALVAGE = "salvage.npz"
 
 
 def source_changes(source: ImageSource, previous: KeyMap | None) -> Changes:
@@ -76,6 +82,11 @@ class VersionPlan:
     def rows(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.splits[split]
 
+    def encoded_ids(self) -> np.ndarray:
+        """Ids of every row the plan encodes, sorted."""
+        parts = [ids[encode] for ids, _, encode in self.splits.values()]
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
     def write(self, version_root: Path) -> None:
         """The arrays first, then plan.json naming the basis: the plan is whole once the
         JSON exists."""
@@ -118,6 +129,95 @@ def _read_plan(version_root: str, _mtime_ns: int, _inode: int) -> VersionPlan:
         splits = {name: (arrays[f"ids_{i}"], arrays[f"positions_{i}"], arrays[f"encode_{i}"])
                   for i, name in enumerate(info["splits"])}
     return VersionPlan(splits, str(info["basis"]))
+
+
+@dataclass(frozen=True)
+class Salvage:
+    """Rows an unfinished version had finished when a re-run gave it up: each with its key
+    and the content hash of the image it was encoded from, and its id in the folder it was
+    read from. Matched by key, so rows survive ids given afresh (a first version numbers
+    its images by position)."""
+
+    keys: np.ndarray
+    ids: np.ndarray  # sorted
+    hashes: np.ndarray
+    codes: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def harvest(cls, version_root: Path, meta: TokenMeta) -> Salvage | None:
+        """What the unfinished folder holds for a tokenizer of ``meta``: its finished shards
+        (keys and hashes from its key map) and its own salvage; None when nothing."""
+        try:
+            parts = [part for part in [read_salvage(str(version_root))] if part is not None]
+        except TokenStoreError:  # damaged: its rows are encoded again
+            parts = []
+        try:
+            keymap = KeyMap.read(bookkeeping_dir(version_root) / KEYMAP_NAME)
+        except TokenStoreError:
+            keymap = None
+        for grid in finished_shard_rows(version_root, meta) if keymap is not None else []:
+            rows = np.minimum(np.searchsorted(keymap.ids, grid.ids), len(keymap.ids) - 1)
+            if np.array_equal(keymap.ids[rows], grid.ids):
+                parts.append(cls(keymap.keys[rows], grid.ids, keymap.hashes[rows], grid.codes,
+                                 grid.labels))
+        if not parts:
+            return None
+        keys = np.concatenate([part.keys for part in parts])
+        _, first = np.unique(keys.astype(str), return_index=True)  # a row found twice: once
+        return cls(*(np.concatenate([getattr(part, name) for part in parts])[first]
+                     for name in ("keys", "ids", "hashes", "codes", "labels")))
+
+    def usable(self, keymap: KeyMap, wanted: np.ndarray) -> Salvage:
+        """The rows whose key ``keymap`` holds with the same hash and an id among ``wanted``,
+        by those ids."""
+        rows = rows_of(self.keys, keymap.keys)
+        keep = rows >= 0
+        found = rows[keep]
+        keep[keep] = (keymap.present[found] & (keymap.hashes[found] == self.hashes[keep])
+                      & np.isin(keymap.ids[found], wanted))
+        ids = keymap.ids[rows[keep]]
+        order = np.argsort(ids, kind="stable")
+        return Salvage(self.keys[keep][order], ids[order], self.hashes[keep][order],
+                       self.codes[keep][order], self.labels[keep][order])
+
+    def rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, labels) of ``ids``, all of them held here."""
+        where = np.searchsorted(self.ids, ids)
+        return self.codes[where], self.labels[where]
+
+    def write(self, version_root: Path) -> None:
+        """Before the plan: a plan that takes rows from a salvage finds it there."""
+        target = AtomicFile(bookkeeping_dir(version_root) / SALVAGE)
+        try:
+            with open(target.temp, "wb") as handle:
+                np.savez(handle, keys=self.keys.astype(str), ids=self.ids,
+                         hashes=self.hashes.astype(str), codes=self.codes, labels=self.labels)
+            target.publish()
+        except BaseException:
+            target.abort()
+            raise
+
+
+def read_salvage(version_root: str) -> Salvage | None:
+    """The version folder's salvage, once per process while it stays the same file."""
+    try:
+        info = (bookkeeping_dir(Path(version_root)) / SALVAGE).stat()
+    except FileNotFoundError:
+        return None
+    return _read_salvage(version_root, info.st_mtime_ns, info.st_ino)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_salvage(version_root: str, _mtime_ns: int, _inode: int) -> Salvage:
+    path = bookkeeping_dir(Path(version_root)) / SALVAGE
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return Salvage(data["keys"].astype(object), data["ids"],
+                           data["hashes"].astype(object), data["codes"], data["labels"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise TokenStoreError(path, f"unreadable ({exc}); delete it and re-run: its rows are "
+                              "then encoded again") from None
 
 
 @dataclass(frozen=True)

@@ -172,7 +172,7 @@ def reconcile(previous: KeyMap | None, keys: Sequence[str], stamps: Sequence[str
                      present=np.ones(n, dtype=bool), next_id=n, position=positions)
         return Changes(new, added=positions.copy(), changed=_none(), removed=_none())
 
-    rows = _rows_of(keys_arr, previous.keys)
+    rows = rows_of(keys_arr, previous.keys)
     known = rows >= 0
     known_rows = rows[known]
     was_present = np.zeros(n, dtype=bool)
@@ -220,7 +220,7 @@ def reconcile(previous: KeyMap | None, keys: Sequence[str], stamps: Sequence[str
                    removed=np.sort(removed))
 
 
-def _rows_of(keys: np.ndarray, known: np.ndarray) -> np.ndarray:
+def rows_of(keys: np.ndarray, known: np.ndarray) -> np.ndarray:
     """Row of each key in ``known`` (unique), -1 where absent: one hash join in Arrow, not a
     Python dict of every key (a folder has one key per image)."""
     import pyarrow as pa

@@ -40,7 +40,7 @@ READ_SUFFIXES = {**{suffix: fmt for fmt, suffix in SUFFIXES.items()},
                  ".pq": "parquet", ".hdf5": "hdf5"}
 DEFAULT_SHARD_SIZE = 10_000  # rows per shard unless asked otherwise
 #: What a versioned store keeps beside a version's manifest (see ``versions``, ``keymap``).
-VERSION_FILES = ("keys.parquet", "version.json", "plan.json", "plan.npz")
+VERSION_FILES = ("keys.parquet", "version.json", "plan.json", "plan.npz", "salvage.npz")
 
 
 @dataclass(frozen=True)

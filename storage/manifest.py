@@ -181,9 +181,8 @@ def load_shard(shard: ShardFile, fmt: str, manifest: Manifest, verify: bool) -> 
     if verify:
         verify_file(shard, manifest.path)
     grid = READERS[fmt](shard.path)
-    differ = manifest.meta.differences(grid.meta)
-    if manifest.store_version is not None:
-        differ = [name for name in differ if name not in ("dataset", "dataset_fingerprint")]
+    differ = (manifest.meta.differences(grid.meta) if manifest.store_version is None
+              else manifest.meta.tokenizer_differences(grid.meta))
     if differ:
         raise TokenStoreError(
             shard.path, f"metadata differs from {manifest.path.name} in {', '.join(differ)}"

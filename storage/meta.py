@@ -13,6 +13,8 @@ from vqtok.storage.errors import TokenStoreError
 
 #: Bumped when the on-disk layout changes in a way old readers cannot handle.
 STORAGE_FORMAT_VERSION = 1
+#: Fields that name the dataset a store was encoded from, not the tokenizer.
+DATASET_FIELDS = ("dataset", "dataset_fingerprint")
 #: Key of the JSON metadata in Parquet schema metadata and HDF5 attributes.
 META_KEY = "vqtok.meta"
 #: Largest codebook that still fits uint16 codes; bigger ones use int32.
@@ -199,6 +201,11 @@ class TokenMeta:
         """Names of the identity fields that differ (created_at is not one of them)."""
         mine, theirs = self.identity(), other.identity()
         return [key for key in mine if mine[key] != theirs.get(key)]
+
+    def tokenizer_differences(self, other: TokenMeta) -> list[str]:
+        """``differences`` but for which dataset the rows came from: rows of metas with none
+        are interchangeable, row for row (the versions of one store hold such rows)."""
+        return [name for name in self.differences(other) if name not in DATASET_FIELDS]
 
     def check_tokenizer(
         self,

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from vqtok.files.atomic import is_temp, stale_temps, temp_path_for, write_json_atomic
 from vqtok.storage.errors import TokenStoreError
+from vqtok.storage.grid import TokenGrid
 from vqtok.storage.hdf5 import HDF5TokenWriter
 from vqtok.storage.layout import (
     BOOKKEEPING_DIR,
@@ -35,7 +36,7 @@ from vqtok.storage.layout import (
     resolve,
     shard_relpath,
 )
-from vqtok.storage.manifest import sha256_file
+from vqtok.storage.manifest import READERS, sha256_file
 from vqtok.storage.meta import TokenMeta
 from vqtok.storage.parquet import ParquetTokenWriter
 from vqtok.storage.writer import PublishOnSuccess, check_split_name
@@ -338,6 +339,32 @@ class ShardedTokenStore:
                         "is not part of this plan (left from another run or shard size?); delete "
                         "it or use a new output folder",
                     )
+
+
+def finished_shard_rows(root: str | os.PathLike[str], meta: TokenMeta) -> list[TokenGrid]:
+    """The rows of every shard a store folder that was never finalized has completed with
+    the tokenizer of ``meta`` (``tokenizer_differences``), read from files that still match
+    their records (size and sha256): what a run that must give the folder up can keep.
+    Shards of another tokenizer, torn records and damaged files are left out."""
+    root = Path(root)
+    grids = []
+    for path in sorted((bookkeeping_dir(root) / RECORDS_DIR).glob("*/*.json")):
+        try:
+            record = read_json(path, RECORD_KIND)
+            if meta.tokenizer_differences(TokenMeta.from_dict(record.get("meta"), where=path)):
+                continue
+            files = record.get("files") or {}
+            fmt = next(fmt for fmt in FORMATS if isinstance(files.get(fmt), dict))
+            entry = files[fmt]
+            file = resolve(root, entry["path"], path)
+            if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+                continue
+            grid = READERS[fmt](file)
+        except (TokenStoreError, OSError, KeyError, TypeError, StopIteration):
+            continue
+        if grid.num_rows == record.get("num_rows") and not meta.tokenizer_differences(grid.meta):
+            grids.append(grid)
+    return grids
 
 
 def _with_parents(relpath: str) -> list[str]:

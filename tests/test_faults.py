@@ -306,6 +306,34 @@ def test_incremental_update_killed_at_random_points_keeps_the_previous_version_r
     assert store_tree(out) == store_tree(reference)
 
 
+def test_first_encode_killed_then_folder_changed_keeps_the_finished_rows(runner, tiny, tmp_path):
+    """kill -9 after three shards of a first encode; before the re-run the folder grows and
+    one finished image changes, so the unfinished version is started again: its finished
+    rows are copied, not encoded, and the store ends byte for byte where an uninterrupted
+    encode of the new folder does."""
+    with np.load(tiny["root"] / "images.npz") as arrays:
+        pixels = arrays["images"][:, 0]
+    folder = tmp_path / "images"
+    write_pngs(pixels, folder, range(IMAGES))
+
+    def argv(out: Path) -> list[str]:
+        return [*encode_argv(tiny, out), "--dataset", f"imagefolder:{folder}"]
+
+    out, reference = tmp_path / "run", tmp_path / "reference"
+    code = run_until(runner, argv(out), tmp_path / "killed", "encode-shard-published:3")
+    assert code == -signal.SIGKILL and records(out) == 3  # train rows 0-59 finished
+    write_pngs(pixels, folder, range(IMAGES, IMAGES + 20), offset=7)  # 20 added
+    write_pngs(pixels, folder, [0], offset=101)  # id 0, in a finished shard, changed
+    assert run_until(runner, argv(out), tmp_path / "rerun") == 0
+    line = (tmp_path / "rerun.out").read_text().strip().splitlines()[-1]
+    assert line.startswith(f"{IMAGES + 20} added, 0 changed, 0 removed, 0 unchanged: "
+                           f"{IMAGES + 20 - 59} images encoded at "), line
+    assert ", 59 rows kept from an unfinished earlier run; version 1" in line, line
+    assert run_until(runner, argv(reference), tmp_path / "reference") == 0
+    assert temps(out) == []
+    assert store_tree(out) == store_tree(reference)
+
+
 def write_tar_shards(npz: Path, folder: Path, shards: int) -> str:
     """The npz's images as WebDataset shards of PNGs (``NNNNNN.png`` + ``.cls``)."""
     import io

@@ -144,6 +144,26 @@ def test_a_key_map_read_twice_is_shared_until_its_file_is_replaced(tmp_path):
         KeyMap.read(tmp_path / "keys.parquet")
 
 
+def test_a_salvage_keeps_rows_by_key_whose_image_is_unchanged_and_still_wanted():
+    from vqtok.flows.incremental import Salvage
+
+    # An abandoned first version had numbered a, b, c, d by position and finished them all.
+    codes = np.arange(4 * 2 * 2, dtype=np.uint16).reshape(4, 2, 2)
+    held = Salvage(np.array(["a", "b", "c", "d"], dtype=object), np.arange(4),
+                   np.array(["ha", "hb", "hc", "hd"], dtype=object), codes,
+                   np.array([10, 11, 12, 13]))
+    # The folder then gained "0" in front (new positions), b changed, d went away.
+    now = reconcile(None, ["0", "a", "b", "c"], None,
+                    lambda p: [["h0", "ha", "hb2", "hc"][i] for i in p],
+                    np.array(["train"] * 4, dtype=object), rule=None).keymap
+    kept = held.usable(now, wanted=np.array([1, 2, 3]))  # ids the new plan encodes
+    assert kept.ids.tolist() == [1, 3] and kept.keys.tolist() == ["a", "c"]
+    assert np.array_equal(kept.codes, codes[[0, 2]]) and kept.labels.tolist() == [10, 12]
+    assert held.usable(now, wanted=np.array([3])).keys.tolist() == ["c"]
+    got_codes, got_labels = kept.rows(np.array([3]))
+    assert np.array_equal(got_codes, codes[[2]]) and got_labels.tolist() == [12]
+
+
 # -- whole encodes ----------------------------------------------------------------------------
 
 def test_grown_shrunk_and_changed_folder_encodes_only_what_changed(checkpoint, tmp_path):
@@ -445,6 +465,39 @@ def test_console_command_updates_a_store_from_outside_the_repo(checkpoint, tmp_p
     (images / "img-0000.png").unlink()
     assert run().startswith("2 added, 0 changed, 1 removed, 11 unchanged: 2 images encoded")
     assert len(pd.read_parquet(out / "tokens")) == 13
+
+
+def test_an_unreadable_image_fixed_after_a_failed_encode_costs_only_the_unfinished_rows(
+        checkpoint, tmp_path):
+    """The console command from outside the repo: a first encode stops at a corrupt file;
+    once the file is fixed (the data changed, so the unfinished version is started again)
+    the re-run copies the rows of the shards that had finished instead of encoding them."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_images(images, range(40))  # train: 36 ids in shards of 8; img-0030 is in the 4th
+    (images / "img-0030.png").write_bytes(b"not a png")
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [console_command(), "encode", "--checkpoint", str(checkpoint), "--dataset",
+             f"imagefolder:{images}", "--out", str(out), "--shard-size", str(SHARD),
+             "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "PYTHONPATH": ""})
+
+    failed = run()
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines()[-1].startswith(
+        f"error: {images}/img-0030.png: cannot read image")
+    write_images(images, [30])
+    done = run()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith(
+        "40 added, 0 changed, 0 removed, 0 unchanged: 16 images encoded at ")
+    assert ", 24 rows kept from an unfinished earlier run; version 1" in done.stdout
+    assert not list(out.rglob("salvage.npz"))  # copied into the shards, then removed
+    encode(checkpoint, images, tmp_path / "fresh")
+    mine, fresh = load_grid(out), load_grid(tmp_path / "fresh")
+    assert np.array_equal(mine.ids, fresh.ids) and np.array_equal(mine.codes, fresh.codes)
+    assert np.array_equal(mine.labels, fresh.labels)
 
 
 def test_scheduled_pipeline_over_a_growing_folder_publishes_one_version_per_change(
