@@ -500,6 +500,26 @@ def test_an_unreadable_image_fixed_after_a_failed_encode_costs_only_the_unfinish
     assert np.array_equal(mine.labels, fresh.labels)
 
 
+def test_an_update_that_failed_keeps_its_newly_encoded_rows_once_the_image_is_fixed(
+        checkpoint, tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_images(images, range(16))
+    assert encode(checkpoint, images, out).startswith("16 added")
+    write_images(images, range(16, 36))  # train shards 1-3 gain rows; img-0033 is in shard 3
+    (images / "img-0033.png").write_bytes(b"not a png")
+    message = fails("encode", "--checkpoint", checkpoint, "--dataset", f"imagefolder:{images}",
+                    "--out", out, "--shard-size", SHARD, "--quiet")
+    assert "img-0033.png: cannot read image" in message
+    assert load_grid(out).num_rows == 16  # version 1 still stands
+    write_images(images, [33])
+    line = encode(checkpoint, images, out)
+    # Shard 1 had encoded id 16 and shard 2 ids 17-25 but 19: nine rows not encoded again.
+    assert line.startswith("20 added, 0 changed, 0 removed, 16 unchanged: 11 images encoded ")
+    assert ", 9 rows kept from an unfinished earlier run; version 2" in line
+    encode(checkpoint, images, tmp_path / "fresh")
+    assert by_key(out) == by_key(tmp_path / "fresh")
+
+
 def test_scheduled_pipeline_over_a_growing_folder_publishes_one_version_per_change(
         checkpoint, tmp_path):
     from vqtok.flows.pipeline import tokenize_dataset
