@@ -244,12 +244,9 @@ def write_pngs(pixels: np.ndarray, folder: Path, names, offset: int = 0) -> None
         Image.fromarray(pixels[(i + offset) % len(pixels)]).save(folder / f"{i:04d}.png")
 
 
-def test_incremental_update_killed_at_random_points_keeps_the_previous_version_readable(
-    runner, tiny, tmp_path
-):
-    """kill -9 at every stage of an update of a grown, changed and shrunk folder: whenever
-    the writer stops, readers get exactly the previous version (or, once published, the
-    new one), and re-running ends byte for byte where an uninterrupted update does."""
+def image_folder(tiny, tmp_path):
+    """The tiny images as PNGs in tmp_path/images: (pixels, the folder, out -> encode argv
+    over the folder)."""
     with np.load(tiny["root"] / "images.npz") as arrays:
         pixels = arrays["images"][:, 0]
     folder = tmp_path / "images"
@@ -257,6 +254,17 @@ def test_incremental_update_killed_at_random_points_keeps_the_previous_version_r
 
     def argv(out: Path) -> list[str]:
         return [*encode_argv(tiny, out), "--dataset", f"imagefolder:{folder}"]
+
+    return pixels, folder, argv
+
+
+def test_incremental_update_killed_at_random_points_keeps_the_previous_version_readable(
+    runner, tiny, tmp_path
+):
+    """kill -9 at every stage of an update of a grown, changed and shrunk folder: whenever
+    the writer stops, readers get exactly the previous version (or, once published, the
+    new one), and re-running ends byte for byte where an uninterrupted update does."""
+    pixels, folder, argv = image_folder(tiny, tmp_path)
 
     reference, out = tmp_path / "reference", tmp_path / "run"
     for store in (reference, out):
@@ -311,13 +319,7 @@ def test_first_encode_killed_then_folder_changed_keeps_the_finished_rows(runner,
     one finished image changes, so the unfinished version is started again: its finished
     rows are copied, not encoded, and the store ends byte for byte where an uninterrupted
     encode of the new folder does."""
-    with np.load(tiny["root"] / "images.npz") as arrays:
-        pixels = arrays["images"][:, 0]
-    folder = tmp_path / "images"
-    write_pngs(pixels, folder, range(IMAGES))
-
-    def argv(out: Path) -> list[str]:
-        return [*encode_argv(tiny, out), "--dataset", f"imagefolder:{folder}"]
+    pixels, folder, argv = image_folder(tiny, tmp_path)
 
     out, reference = tmp_path / "run", tmp_path / "reference"
     code = run_until(runner, argv(out), tmp_path / "killed", "encode-shard-published:3")
