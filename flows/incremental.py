@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from vqtok.files.atomic import AtomicFile, write_json_atomic
+from vqtok.files.atomic import atomic_path, write_json_atomic
 from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.grid import TokenGrid, concat_grids
 from vqtok.storage.keymap import KEYMAP_NAME, Changes, KeyMap, reconcile, rows_of
@@ -94,16 +94,15 @@ class VersionPlan:
         arrays = {}
         for i, (ids, positions, encode) in enumerate(self.splits.values()):
             arrays.update({f"ids_{i}": ids, f"positions_{i}": positions, f"encode_{i}": encode})
-        target = AtomicFile(folder / PLAN_ARRAYS)
-        try:
-            with open(target.temp, "wb") as handle:
-                np.savez(handle, **arrays)
-            target.publish()
-        except BaseException:
-            target.abort()
-            raise
+        save_npz_atomic(folder / PLAN_ARRAYS, arrays)
         write_json_atomic(folder / PLAN_INFO, {"basis": self.basis,
                                                "splits": list(self.splits)})
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Arrays as one .npz that appears whole or not at all (a handle, so no suffix added)."""
+    with atomic_path(path) as temp, open(temp, "wb") as handle:
+        np.savez(handle, **arrays)
 
 
 def written_basis(version_root: Path) -> str | None:
@@ -188,15 +187,9 @@ class Salvage:
 
     def write(self, version_root: Path) -> None:
         """Before the plan: a plan that takes rows from a salvage finds it there."""
-        target = AtomicFile(bookkeeping_dir(version_root) / SALVAGE)
-        try:
-            with open(target.temp, "wb") as handle:
-                np.savez(handle, keys=self.keys.astype(str), ids=self.ids,
-                         hashes=self.hashes.astype(str), codes=self.codes, labels=self.labels)
-            target.publish()
-        except BaseException:
-            target.abort()
-            raise
+        save_npz_atomic(bookkeeping_dir(version_root) / SALVAGE, {
+            "keys": self.keys.astype(str), "ids": self.ids, "hashes": self.hashes.astype(str),
+            "codes": self.codes, "labels": self.labels})
 
 
 def read_salvage(version_root: str) -> Salvage | None:
