@@ -192,7 +192,7 @@ def encode_line(result: dict[str, Any]) -> str:
 
 @main.command()
 @click.option("--tokens", type=click.Path(exists=True), help="Token file or folder "
-              "(default: OUT/tokens).")
+              "(default: OUT/tokens, or OUT/hdf5 when only HDF5 was written).")
 @out_option("runs/encode", "Run folder; stats go to OUT/stats.")
 @friendly_errors
 def stats(tokens: str | None, out: str) -> None:
@@ -203,14 +203,15 @@ def stats(tokens: str | None, out: str) -> None:
     from vqtok.storage import read_meta
 
     paths = RunPaths(Path(out))
-    read_meta(tokens or paths.tokens)  # a missing or damaged store fails before Prefect starts
+    tokens = tokens or str(paths.store)
+    read_meta(tokens)  # a missing or damaged store fails before Prefect starts
     check_out(paths.stats)
     if uses_prefect("stats"):
         from vqtok.flows.stats_flow import stats_flow
 
-        result = stats_flow(tokens=tokens or str(paths.tokens), out=str(paths.stats))
+        result = stats_flow(tokens=tokens, out=str(paths.stats))
     else:
-        result = usage_stats(tokens=tokens or str(paths.tokens), out=str(paths.stats))
+        result = usage_stats(tokens=tokens, out=str(paths.stats))
     click.echo(f"usage {result['usage']:.1%} ({result['codes_used']}/{result['codebook_size']}),"
                f" perplexity {result['perplexity']:.1f}, {result['entropy_bits']:.2f} bits/token"
                f" -> {result['stats']}")

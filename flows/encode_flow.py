@@ -259,7 +259,7 @@ def encode_flow(
                   + "\n\n| split | images |\n|---|---:|\n"
                   + "".join(f"| {s} | {n} |\n" for s, n in result["splits"].items())
                   + f"\n{result['encoded_images']} images encoded at "
-                  f"{result['images_per_second']:.0f} img/s; tokens in `{paths.tokens}`"),
+                  f"{result['images_per_second']:.0f} img/s; tokens in `{result['tokens']}`"),
         description="Token store written by encode_flow",
     )
     return result
@@ -440,7 +440,7 @@ def _summary(paths: RunPaths, build: _Build, formats: list[str], results: list[d
         splits = {name: int((present == name).sum()) for name in dict.fromkeys(present.tolist())}
     version = build.number if build.number is not None else build.previous_number
     return {
-        "tokens": str(paths.tokens),
+        "tokens": str(paths.store),
         "manifest": str(manifest_path(StoreVersions(paths.root).version_root(version))),
         "version": version,
         "new_version": build.number is not None,

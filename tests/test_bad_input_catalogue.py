@@ -271,6 +271,9 @@ CASES = [
     Case("stats of a folder without tokens", ["stats", "--tokens", "{t}/imgs", "--out", "{out}"],
          "{t}/imgs: no token store here (no .vqtok/manifest.json); pass a token file or the "
          "folder 'encode' wrote", setup=_folder()),
+    Case("stats of a run folder encode never wrote", ["stats", "--out", "{t}/empty"],
+         "{t}/empty/tokens: no such file or folder; pass a token file or the folder 'encode' "
+         "wrote"),
     Case("decode a text file as tokens",
          ["decode", "--tokens", "{t}/tokens.txt", "--checkpoint", "{checkpoint}",
           "--out", "{out}"], "{t}/tokens.txt: unknown token file type; expected .parquet, "

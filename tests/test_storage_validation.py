@@ -155,10 +155,14 @@ def test_hdf5_row_count_mismatch_is_refused_on_read(tmp_path):
 
 
 def test_unknown_extension_and_missing_files(tmp_path):
+    (tmp_path / "t.csv").write_text("id,codes\n")
     with pytest.raises(TokenStoreError, match="unknown token file type"):
         load_grid(tmp_path / "t.csv")
     with pytest.raises(TokenStoreError, match="no such file"):
         load_grid(tmp_path / "missing.parquet")
+    with pytest.raises(TokenStoreError, match="missing: no such file or folder; pass a token "
+                       "file or the folder 'encode' wrote"):
+        load_grid(tmp_path / "missing")
     with pytest.raises(TokenStoreError, match=r"no token store here \(no .vqtok/manifest.json\)"):
         load_grid(tmp_path)  # a folder that never held a store
     (tmp_path / ".vqtok" / "done" / "train").mkdir(parents=True)
