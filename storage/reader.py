@@ -20,14 +20,13 @@ if TYPE_CHECKING:
 
 def file_format(path: Path) -> str:
     fmt = READ_SUFFIXES.get(path.suffix.lower())
-    if fmt is None and path.is_symlink() and not path.exists():
-        # OUT/tokens of a store encoded with --format hdf5 (or OUT/hdf5 with parquet only)
-        raise TokenStoreError(path, (
-            "the store's current version has no files of this format (encoded with another "
-            f"--format); pass the run folder {path.parent} or its other format's folder"))
     if fmt is None and not path.exists():
-        raise TokenStoreError(path, "no such file or folder; pass a token file or the folder "
-                              "'encode' wrote")
+        raise TokenStoreError(path, (
+            # a link that leads nowhere: OUT/tokens of a store encoded with --format hdf5
+            "the store's current version has no files of this format (encoded with another "
+            f"--format); pass the run folder {path.parent} or its other format's folder"
+            if path.is_symlink() else
+            "no such file or folder; pass a token file or the folder 'encode' wrote"))
     if fmt is None:
         raise TokenStoreError(
             path,

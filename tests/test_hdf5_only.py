@@ -30,25 +30,24 @@ def kit(tmp_path_factory, prefect_harness):
     env.update(PREFECT_HOME=str(root / "prefect-home"),
                PREFECT_API_URL=str(PREFECT_API_URL.value()),
                COLUMNS="400")  # the run summary's table rows stay on one line each
-    return {"root": root, "raw": raw, "outside": outside, "env": env,
+    return {"root": root, "outside": outside, "env": env,
             "checkpoint": make_checkpoint(root / "checkpoint", raw)}
 
 
 def _run(kit, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([console_command(), *args, "--quiet"], cwd=kit["outside"],
+    return subprocess.run([console_command(), *args], cwd=kit["outside"],
                           env=kit["env"], capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 def test_encode_names_hdf5_and_stats_finds_it(kit):
     out = kit["root"] / "encoded"
     done = _run(kit, "encode", "--checkpoint", str(kit["checkpoint"]), "--out", str(out),
-                "--format", "hdf5")
+                "--format", "hdf5", "--quiet")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith(f"; version 1 -> {out / 'hdf5'}"), done.stdout
     assert sorted(p.suffix for p in (out / "hdf5").rglob("*.*")) == [".h5", ".h5"]
 
-    stats = subprocess.run([console_command(), "stats", "--out", str(out)], cwd=kit["outside"],
-                           env=kit["env"], capture_output=True, text=True, timeout=TIMEOUT_S)
+    stats = _run(kit, "stats", "--out", str(out))
     assert stats.returncode == 0, stats.stderr[-2000:]
     assert stats.stdout.strip().endswith(f"-> {out / 'stats' / 'stats.json'}"), stats.stdout
     assert (out / "stats" / "stats.json").is_file()
@@ -61,7 +60,7 @@ def test_encode_names_hdf5_and_stats_finds_it(kit):
 def test_run_pipeline_with_hdf5_only(kit):
     out = kit["root"] / "pipeline"
     done = _run(kit, "run", "--config", str(kit["root"] / "tiny.yaml"), "--out", str(out),
-                "--format", "hdf5")
+                "--format", "hdf5", "--quiet")
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "stats" / "stats.json").is_file()
     assert (out / "decode" / "reconstructions.png").is_file()
