@@ -198,7 +198,9 @@ class StoreVersions:
             "published_at": utc_now_iso(), **info})
         for fmt_dir in FORMAT_DIRS.values():
             link = self.root / fmt_dir
-            if not link.is_symlink():
+            # Only formats this version has: an HDF5-only store gets no tokens/ leading nowhere.
+            # A link stays once made (a later version may lack its format; readers say so).
+            if (root / fmt_dir).is_dir() and not link.is_symlink():
                 link.symlink_to(f"{BOOKKEEPING_DIR}/{CURRENT_NAME}/{fmt_dir}",
                                 target_is_directory=True)
         temp = self.bookkeeping / f".{CURRENT_NAME}.{uuid.uuid4().hex[:12]}.tmp"

@@ -1,6 +1,7 @@
-"""A store encoded with ``--format hdf5`` only: its run folder's tokens/ link leads nowhere,
-so everything that points users and later steps at "the tokens" must name hdf5/ instead.
-Run as users run it: the installed console command, from a folder outside the repo."""
+"""A store encoded with ``--format hdf5`` only has no tokens/ folder, so everything that
+points users and later steps at "the tokens" must name hdf5/ instead; a store whose later
+version drops Parquet keeps a tokens/ link that leads nowhere, and readers say why. Run as
+users run it: the installed console command, from a folder outside the repo."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def test_encode_names_hdf5_and_stats_finds_it(kit):
     assert (out / "stats" / "stats.json").is_file()
 
     assert load_grid(out).codes.shape == (40, 2, 2)  # the run folder reads either way
-    with pytest.raises(TokenStoreError, match="current version has no files of this format"):
+    assert not os.path.lexists(out / "tokens")  # no link to a format the store never had
+    with pytest.raises(TokenStoreError, match="tokens: no such file or folder"):
         load_grid(out / "tokens")
 
 
@@ -67,3 +69,17 @@ def test_run_pipeline_with_hdf5_only(kit):
     rows = [line for line in done.stdout.splitlines() if line.startswith("│ tokens ")]
     assert len(rows) == 1 and f"{out / 'hdf5'} (hdf5)" in rows[0], done.stdout
     assert np.array_equal(np.sort(load_grid(out / "hdf5").ids), np.arange(40))
+
+
+def test_a_version_without_parquet_leaves_a_link_readers_explain(kit):
+    out = kit["root"] / "dropped"
+    for fmt, version in (("both", 1), ("hdf5", 2)):
+        done = _run(kit, "encode", "--checkpoint", str(kit["checkpoint"]), "--out", str(out),
+                    "--format", fmt, "--quiet")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"; version {version} -> " in done.stdout, done.stdout
+    assert done.stdout.strip().endswith(f"-> {out / 'hdf5'}"), done.stdout
+    assert (out / "tokens").is_symlink() and not (out / "tokens").exists()
+    with pytest.raises(TokenStoreError, match="current version has no files of this format"):
+        load_grid(out / "tokens")
+    assert load_grid(out).codes.shape == (40, 2, 2)
