@@ -27,7 +27,6 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from vqtok.flows.errors import located
 from vqtok.flows.incremental import (
-    SALVAGE,
     PreviousShards,
     Salvage,
     VersionPlan,
@@ -49,8 +48,14 @@ from vqtok.flows.runtime import (
     token_meta,
 )
 from vqtok.storage import ShardedTokenStore, ShardSpec, TokenMeta, TokenStoreError
-from vqtok.storage.keymap import KEYMAP_NAME, Changes, KeyMap
-from vqtok.storage.layout import DEFAULT_SHARD_SIZE, bookkeeping_dir, manifest_path
+from vqtok.storage.keymap import Changes, KeyMap
+from vqtok.storage.layout import (
+    DEFAULT_SHARD_SIZE,
+    KEYMAP_NAME,
+    SALVAGE_NAME,
+    bookkeeping_dir,
+    manifest_path,
+)
 from vqtok.storage.layout import FORMATS as STORE_FORMATS
 from vqtok.storage.manifest import Manifest
 from vqtok.storage.versions import DEFAULT_KEEP_VERSIONS, StoreVersions, file_suffix
@@ -406,7 +411,7 @@ def _build_version(versions: StoreVersions, build: _Build, checkpoint: str,
                for call, result in zip(calls, outcomes, strict=True)]
     finalize_store(str(root), meta.to_dict(), shard_size, formats, splits, suffix,
                    {"store_version": build.number})
-    (bookkeeping_dir(root) / SALVAGE).unlink(missing_ok=True)  # copied into the shards now
+    (bookkeeping_dir(root) / SALVAGE_NAME).unlink(missing_ok=True)  # copied into the shards now
     pause_point("encode-version-finalized")
     counts = build.changes.counts()
     versions.publish(build.number, {

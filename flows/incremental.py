@@ -27,17 +27,20 @@ import numpy as np
 from vqtok.files.atomic import atomic_path, write_json_atomic
 from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.grid import TokenGrid, concat_grids
-from vqtok.storage.keymap import KEYMAP_NAME, Changes, KeyMap, reconcile, rows_of
-from vqtok.storage.layout import bookkeeping_dir, manifest_path
+from vqtok.storage.keymap import Changes, KeyMap, reconcile, rows_of
+from vqtok.storage.layout import (
+    KEYMAP_NAME,
+    PLAN_ARRAYS_NAME,
+    PLAN_INFO_NAME,
+    SALVAGE_NAME,
+    bookkeeping_dir,
+    manifest_path,
+)
 from vqtok.storage.manifest import Manifest, load_shard, looks_intact
 from vqtok.storage.meta import TokenMeta
 from vqtok.storage.sharded import finished_shard_rows
 from vqtok.tokenizer.sources import ImageSource
 from vqtok.tokenizer.splits import holdout_split_of
-
-PLAN_ARRAYS = "plan.npz"
-PLAN_INFO = "plan.json"
-SALVAGE = "salvage.npz"
 
 
 def source_changes(source: ImageSource, previous: KeyMap | None) -> Changes:
@@ -94,8 +97,8 @@ class VersionPlan:
         arrays = {}
         for i, (ids, positions, encode) in enumerate(self.splits.values()):
             arrays.update({f"ids_{i}": ids, f"positions_{i}": positions, f"encode_{i}": encode})
-        save_npz_atomic(folder / PLAN_ARRAYS, arrays)
-        write_json_atomic(folder / PLAN_INFO, {"basis": self.basis,
+        save_npz_atomic(folder / PLAN_ARRAYS_NAME, arrays)
+        write_json_atomic(folder / PLAN_INFO_NAME, {"basis": self.basis,
                                                "splits": list(self.splits)})
 
 
@@ -108,7 +111,8 @@ def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def written_basis(version_root: Path) -> str | None:
     """The basis of the plan an unfinished version folder was started with, if any."""
     try:
-        return str(json.loads((bookkeeping_dir(version_root) / PLAN_INFO).read_text())["basis"])
+        info = json.loads((bookkeeping_dir(version_root) / PLAN_INFO_NAME).read_text())
+        return str(info["basis"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -116,15 +120,15 @@ def written_basis(version_root: Path) -> str | None:
 def read_plan(version_root: str) -> VersionPlan:
     """The plan, read once per process while plan.json stays the same file (a version's plan
     never changes once its shards run; a folder started again gets a new one)."""
-    info = (bookkeeping_dir(Path(version_root)) / PLAN_INFO).stat()
+    info = (bookkeeping_dir(Path(version_root)) / PLAN_INFO_NAME).stat()
     return _read_plan(version_root, info.st_mtime_ns, info.st_ino)
 
 
 @functools.lru_cache(maxsize=2)
 def _read_plan(version_root: str, _mtime_ns: int, _inode: int) -> VersionPlan:
     folder = bookkeeping_dir(Path(version_root))
-    info = json.loads((folder / PLAN_INFO).read_text(encoding="utf-8"))
-    with np.load(folder / PLAN_ARRAYS, allow_pickle=False) as arrays:
+    info = json.loads((folder / PLAN_INFO_NAME).read_text(encoding="utf-8"))
+    with np.load(folder / PLAN_ARRAYS_NAME, allow_pickle=False) as arrays:
         splits = {name: (arrays[f"ids_{i}"], arrays[f"positions_{i}"], arrays[f"encode_{i}"])
                   for i, name in enumerate(info["splits"])}
     return VersionPlan(splits, str(info["basis"]))
@@ -187,7 +191,7 @@ class Salvage:
 
     def write(self, version_root: Path) -> None:
         """Before the plan: a plan that takes rows from a salvage finds it there."""
-        save_npz_atomic(bookkeeping_dir(version_root) / SALVAGE, {
+        save_npz_atomic(bookkeeping_dir(version_root) / SALVAGE_NAME, {
             "keys": self.keys.astype(str), "ids": self.ids, "hashes": self.hashes.astype(str),
             "codes": self.codes, "labels": self.labels})
 
@@ -195,7 +199,7 @@ class Salvage:
 def read_salvage(version_root: str) -> Salvage | None:
     """The version folder's salvage, once per process while it stays the same file."""
     try:
-        info = (bookkeeping_dir(Path(version_root)) / SALVAGE).stat()
+        info = (bookkeeping_dir(Path(version_root)) / SALVAGE_NAME).stat()
     except FileNotFoundError:
         return None
     return _read_salvage(version_root, info.st_mtime_ns, info.st_ino)
@@ -203,7 +207,7 @@ def read_salvage(version_root: str) -> Salvage | None:
 
 @functools.lru_cache(maxsize=2)
 def _read_salvage(version_root: str, _mtime_ns: int, _inode: int) -> Salvage:
-    path = bookkeeping_dir(Path(version_root)) / SALVAGE
+    path = bookkeeping_dir(Path(version_root)) / SALVAGE_NAME
     try:
         with np.load(path, allow_pickle=False) as data:
             return Salvage(data["keys"].astype(object), data["ids"],

@@ -24,7 +24,6 @@ import numpy as np
 from vqtok.files.atomic import AtomicFile
 from vqtok.storage.errors import TokenStoreError
 
-KEYMAP_NAME = "keys.parquet"
 _META_KEY = b"vqtok.keymap"
 _COLUMNS = ("key", "id", "split", "sha256", "stamp", "present")
 

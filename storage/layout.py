@@ -39,8 +39,14 @@ FORMATS = tuple(SUFFIXES)
 READ_SUFFIXES = {**{suffix: fmt for fmt, suffix in SUFFIXES.items()},
                  ".pq": "parquet", ".hdf5": "hdf5"}
 DEFAULT_SHARD_SIZE = 10_000  # rows per shard unless asked otherwise
-#: What a versioned store keeps beside a version's manifest (see ``versions``, ``keymap``).
-VERSION_FILES = ("keys.parquet", "version.json", "plan.json", "plan.npz", "salvage.npz")
+# What a versioned store keeps beside a version's manifest (see ``versions``, ``keymap`` and
+# flows.incremental, which write them).
+KEYMAP_NAME = "keys.parquet"  # every key ever seen: its id, split, hash and stamp
+VERSION_INFO_NAME = "version.json"  # written when the version is published
+PLAN_INFO_NAME = "plan.json"  # the plan's basis: whole once this exists
+PLAN_ARRAYS_NAME = "plan.npz"  # the plan's rows: which to encode, which to copy
+SALVAGE_NAME = "salvage.npz"  # rows handed on from an unfinished attempt
+VERSION_FILES = (KEYMAP_NAME, VERSION_INFO_NAME, PLAN_INFO_NAME, PLAN_ARRAYS_NAME, SALVAGE_NAME)
 
 
 @dataclass(frozen=True)

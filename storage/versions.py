@@ -32,6 +32,7 @@ from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.layout import (
     BOOKKEEPING_DIR,
     FORMAT_DIRS,
+    VERSION_INFO_NAME,
     bookkeeping_dir,
     manifest_path,
     read_json,
@@ -41,7 +42,6 @@ from vqtok.storage.meta import utc_now_iso
 VERSIONS_DIR = "versions"
 CURRENT_NAME = "current"
 LOCK_NAME = "lock"
-VERSION_INFO_NAME = "version.json"
 VERSION_KIND = "vqtok-store-version"
 DEFAULT_KEEP_VERSIONS = 3
 
