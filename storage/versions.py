@@ -32,6 +32,7 @@ from vqtok.storage.errors import TokenStoreError
 from vqtok.storage.layout import (
     BOOKKEEPING_DIR,
     FORMAT_DIRS,
+    KEYMAP_NAME,
     VERSION_INFO_NAME,
     bookkeeping_dir,
     manifest_path,
@@ -222,3 +223,18 @@ class StoreVersions:
                 gone.append(number)
         return gone
 
+
+
+def version_keymap_path(tokens: str | os.PathLike[str]) -> Path | None:
+    """The key map of the store version a token path belongs to (a run folder, its tokens/
+    or hdf5/ link, a split folder or a shard file in a version), None for a plain token file
+    or a store made before versions: ids there are source positions."""
+    path = Path(os.path.realpath(tokens))
+    current = bookkeeping_dir(path) / CURRENT_NAME
+    if current.exists():
+        path = Path(os.path.realpath(current))
+    for folder in (path, *path.parents)[:4]:  # a version root is at most 3 above a shard
+        candidate = bookkeeping_dir(folder) / KEYMAP_NAME
+        if candidate.is_file():
+            return candidate
+    return None

@@ -539,3 +539,32 @@ def test_scheduled_pipeline_over_a_growing_folder_publishes_one_version_per_chan
     assert load_grid(out, version=1).num_rows == 20 and load_grid(out).num_rows == 26
     v1, v2 = by_key(out, version=1), by_key(out)
     assert all(v2[key] == value for key, value in v1.items())  # yesterday's rows, untouched
+
+
+def test_decode_after_an_update_compares_each_row_with_its_own_image(checkpoint, tmp_path):
+    """Ids of a store that lost images are not source positions: decode pairs each row with
+    the image its key names, and leaves out rows whose image changed or left."""
+    from vqtok.flows.decoding import decode_tokens
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_images(images, range(20))
+    encode(checkpoint, images, out)
+    before = decode_tokens(str(out / "tokens"), str(checkpoint), str(tmp_path / "d1"),
+                           split="train")
+    (images / "img-0000.png").unlink()  # every later position moves down one
+    write_images(images, [4], seed_offset=500)  # changed: its row is encoded again
+    write_images(images, [20, 21])
+    encode(checkpoint, images, out)
+    after = decode_tokens(str(out / "tokens"), str(checkpoint), str(tmp_path / "d2"),
+                          split="train")
+    first = pd.read_csv(before["metrics"]).set_index("id")
+    second = pd.read_csv(after["metrics"]).set_index("id")
+    kept = first.index.difference([0, 4])  # 4: another image now, encoded again
+    assert 0 not in second.index and set(kept) <= set(second.index)
+    assert np.allclose(second.loc[kept, "mse"], first.loc[kept, "mse"])  # same pairs
+    assert {20, 21} & set(second.index)  # new rows compared too (train split ids)
+
+    (images / "img-0007.png").unlink()  # left the folder after encoding: not compared
+    third = decode_tokens(str(out / "tokens"), str(checkpoint), str(tmp_path / "d3"),
+                          split="train")
+    assert 7 not in set(pd.read_csv(third["metrics"])["id"])
