@@ -123,6 +123,19 @@ def test_imagefolder_labels_from_subfolders_in_sorted_order(tmp_path):
     assert float(image[0, 0, 0]) == pytest.approx(201 / 255)
 
 
+def test_sixteen_bit_grayscale_pngs_are_scaled_not_clipped(tmp_path):
+    gray = (np.arange(64) * 4).reshape(8, 8).astype(np.uint8)
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "imgs" / "wide.png")
+    assert Image.open(tmp_path / "imgs" / "wide.png").mode == "I;16"
+    for channels in (1, 3):
+        cfg = DataConfig(dataset=f"imagefolder:{tmp_path / 'imgs'}", channels=channels,
+                         image_size=8)
+        images, _ = open_source(cfg).load_batch([0])
+        expected = torch.from_numpy(gray).float().div(255).expand(channels, 8, 8)
+        assert torch.equal(images[0], expected)
+
+
 def test_imagefolder_corrupt_file_is_named(tmp_path):
     root = _folder(tmp_path)
     (root / "dog" / "broken.png").write_bytes(b"not a png")

@@ -38,11 +38,23 @@ def pil_array(data: bytes | Path, channels: int) -> np.ndarray:
     mode = "L" if channels == 1 else "RGB"
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            if img.mode in WIDE_GRAY_MODES:
+                return _wide_gray(np.asarray(img), channels)
             return np.asarray(img if img.mode == mode else img.convert(mode), dtype=np.uint8)
     except UnidentifiedImageError:
         if isinstance(data, bytes):  # PIL would name the buffer: <_io.BytesIO at 0x7f...>
             raise UnidentifiedImageError("cannot identify image file") from None
         raise
+
+
+#: 16-bit grayscale as PIL opens it (PNG, TIFF): convert("L") would clip it to 0 and 255.
+WIDE_GRAY_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def _wide_gray(values: np.ndarray, channels: int) -> np.ndarray:
+    """0..65535 to 0..255, rounded (the inverse of the usual x * 257 widening)."""
+    gray = ((np.clip(values.astype(np.int64), 0, 65535) + 128) // 257).astype(np.uint8)
+    return gray if channels == 1 else np.repeat(gray[..., None], 3, axis=2)
 
 
 def read_array(data: bytes | Path, cfg: DataConfig, where: str,
