@@ -15,6 +15,9 @@ from vqtok.storage.errors import TokenStoreError
 STORAGE_FORMAT_VERSION = 1
 #: Fields that name the dataset a store was encoded from, not the tokenizer.
 DATASET_FIELDS = ("dataset", "dataset_fingerprint")
+#: Entries of ``extra["data"]`` (the data config an encode recorded) naming where the data
+#: lives, not how it is read: like DATASET_FIELDS, no part of what the tokens mean.
+DATA_LOCATION_FIELDS = ("dataset", "data_root")
 #: Key of the JSON metadata in Parquet schema metadata and HDF5 attributes.
 META_KEY = "vqtok.meta"
 #: Largest codebook that still fits uint16 codes; bigger ones use int32.
@@ -204,8 +207,15 @@ class TokenMeta:
 
     def tokenizer_differences(self, other: TokenMeta) -> list[str]:
         """``differences`` but for which dataset the rows came from: rows of metas with none
-        are interchangeable, row for row (the versions of one store hold such rows)."""
-        return [name for name in self.differences(other) if name not in DATASET_FIELDS]
+        are interchangeable, row for row (the versions of one store hold such rows). Where
+        ``extra`` differs, the names of its entries that do (``extra.data.resize``), leaving
+        out where the data lives (the same folder spelled another way is the same data)."""
+        names = [name for name in self.differences(other) if name not in DATASET_FIELDS]
+        if "extra" in names:
+            at = names.index("extra")
+            names[at:at + 1] = _entry_differences(_without_location(self.extra),
+                                                  _without_location(other.extra), "extra")
+        return names
 
     def check_tokenizer(
         self,
@@ -234,3 +244,21 @@ class TokenMeta:
                 f"tokens are {self.grid_text} grids but the tokenizer makes "
                 f"{'x'.join(map(str, grid))}; decode with the checkpoint that encoded them",
             )
+
+
+def _without_location(extra: dict[str, Any]) -> dict[str, Any]:
+    data = extra.get("data")
+    if not isinstance(data, dict):
+        return extra
+    kept = {k: v for k, v in data.items() if k not in DATA_LOCATION_FIELDS}
+    return {**extra, "data": kept}
+
+
+def _entry_differences(mine: Any, theirs: Any, name: str) -> list[str]:
+    """Dotted names of the entries that differ between two JSON values (dicts recursed)."""
+    if mine == theirs:
+        return []
+    if not (isinstance(mine, dict) and isinstance(theirs, dict)):
+        return [name]
+    return [found for key in sorted(set(mine) | set(theirs), key=str)
+            for found in _entry_differences(mine.get(key), theirs.get(key), f"{name}.{key}")]

@@ -3,6 +3,7 @@ runs is re-encoded only where it changed, and readers always see one whole versi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import time
@@ -372,6 +373,24 @@ def test_another_checkpoint_needs_reencode_or_a_new_folder(checkpoint, tmp_path)
     line = encode(other, images, out, "--reencode")
     assert "10 images encoded" in line and "version 2" in line
     assert load_grid(out).meta.checkpoint_hash != load_grid(out, version=1).meta.checkpoint_hash
+
+
+def test_the_same_folder_spelled_another_way_is_the_same_store(checkpoint, tmp_path):
+    """Where the data lives is not part of what the tokens mean: a link to the folder (or a
+    relative path) updates the store; a setting that changes the pixels is named."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_images(images, range(10))
+    encode(checkpoint, images, out)
+    (tmp_path / "link").symlink_to(images)
+    line = encode(checkpoint, tmp_path / "link", out)
+    assert line.startswith("0 added, 0 changed, 0 removed, 10 unchanged: version 1 stands")
+    write_images(images, [10])
+    assert encode(checkpoint, tmp_path / "link", out).startswith("1 added, 0 changed")
+
+    meta = load_grid(out).meta
+    resized = dataclasses.replace(meta, dataset="imagefolder:elsewhere", extra={
+        **meta.extra, "data": {**meta.extra["data"], "resize": "error", "data_root": "/x"}})
+    assert meta.tokenizer_differences(resized) == ["extra.data.resize"]
 
 
 def test_a_second_encode_on_a_locked_store_fails_with_one_line(checkpoint, tmp_path):
